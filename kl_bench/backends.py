@@ -1,0 +1,299 @@
+"""One small adapter per array framework.
+
+The KL mathematics (``kl_bench.kernels``) is written once against the array-API namespace ``xp``
+that ``array_api_compat`` gives for each framework. What the standard lacks, or what differs
+between frameworks, lives here: detection without importing, dtype names, devices, a Cholesky that
+reports failure instead of raising, a batched lower-triangular solve, synchronisation and
+compilation. A framework is imported only when its arrays were passed in or it was asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+
+import numpy as np
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+class Backend:
+    """Interface of an adapter; subclasses fill it in for one framework."""
+
+    name = ""
+    module = ""  # the top-level module whose presence in sys.modules marks its arrays as possible
+
+    # -- detection ------------------------------------------------------------------------
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def owns(self, x) -> bool:
+        """Is ``x`` an array of this framework?  Never imports the framework."""
+        raise NotImplementedError
+
+    # -- namespace and dtypes ---------------------------------------------------------------
+    namespace = ""  # module of the framework's array-API namespace
+
+    @functools.cached_property
+    def xp(self):
+        return importlib.import_module(self.namespace)
+
+    def dtypes(self) -> tuple[str, ...]:
+        """Floating dtype names this framework has."""
+        return FLOAT_DTYPES
+
+    def dtype(self, name: str):
+        return getattr(self.xp, name)
+
+    def dtype_name(self, dtype) -> str:
+        return str(dtype).rsplit(".", 1)[-1]
+
+    def is_floating(self, dtype) -> bool:
+        return self.dtype_name(dtype) in FLOAT_DTYPES
+
+    def result_dtype(self, arrays):
+        """NumPy's promotion, except that integers and booleans promote to float64."""
+        dtype = self.xp.result_type(*arrays)
+        return dtype if self.is_floating(dtype) else self.dtype("float64")
+
+    # -- arrays and devices -----------------------------------------------------------------
+    def asarray(self, x, dtype=None, device=None):
+        raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray:
+        """float64 NumPy copy (exact for every floating dtype)."""
+        return np.asarray(x, dtype=np.float64)
+
+    def devices(self) -> tuple[str, ...]:
+        """Device kinds available on this machine ("cpu", "cuda")."""
+        return ("cpu",)
+
+    def device_of(self, x):
+        return "cpu"
+
+    def device_kind(self, x) -> str:
+        return "cpu"
+
+    def eye_like(self, a):
+        """Identity matrix of ``a``'s trailing size, dtype and device."""
+        return self.xp.eye(a.shape[-1], dtype=a.dtype)
+
+    # -- linear algebra the standard lacks or does differently ------------------------------
+    def cholesky_ex(self, a):
+        """Lower factor of each matrix, and a boolean array marking those that are not positive
+        definite (their factor is garbage and must not be used)."""
+        raise NotImplementedError
+
+    def solve_triangular(self, a, b):
+        """Solve ``a @ x = b`` for lower-triangular ``a`` (..., k, k) and ``b`` (..., k, m);
+        batch dimensions must already agree."""
+        raise NotImplementedError
+
+    # -- execution ----------------------------------------------------------------------------
+    def is_traced(self, x) -> bool:
+        """True while a compiler is tracing ``x`` (no concrete values to validate)."""
+        return False
+
+    def compile(self, fn):
+        """The framework's compiled form of a pure array function (identity where there is none)."""
+        return fn
+
+    def sync(self, x=None):
+        """Block until the work that produced ``x`` is done (for timing)."""
+
+    def any(self, mask) -> bool:
+        return bool(self.xp.any(mask))
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    module = "numpy"
+    namespace = "array_api_compat.numpy"
+
+    def installed(self):
+        return True
+
+    def owns(self, x):
+        return isinstance(x, (np.ndarray, np.generic))
+
+    def dtypes(self):
+        return ("float64", "float32", "float16")
+
+    def asarray(self, x, dtype=None, device=None):
+        return np.asarray(x, dtype=dtype)
+
+    def compile(self, fn):
+        # Branches that where() discards may overflow: NumPy would warn about values never used.
+        @functools.wraps(fn)
+        def quiet(*args, **kwargs):
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                return fn(*args, **kwargs)
+
+        return quiet
+
+    def cholesky_ex(self, a):
+        bad = np.zeros(a.shape[:-2], dtype=bool)
+        try:
+            return np.linalg.cholesky(a), bad
+        except np.linalg.LinAlgError:
+            pass
+        # Rare path: find which matrices failed, one at a time.
+        out = np.zeros_like(a)
+        for index in np.ndindex(*a.shape[:-2]):
+            try:
+                out[index] = np.linalg.cholesky(a[index])
+            except np.linalg.LinAlgError:
+                bad[index] = True
+        return out, bad
+
+    def solve_triangular(self, a, b):
+        if a.size == 0 or b.size == 0:  # SciPy refuses empty batches
+            return np.zeros(b.shape, dtype=np.result_type(a, b))
+        from scipy.linalg import solve_triangular
+
+        return solve_triangular(a, b, lower=True, check_finite=False)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    module = "torch"
+    namespace = "array_api_compat.torch"
+
+    def owns(self, x):
+        torch = sys.modules.get("torch")
+        return torch is not None and isinstance(x, torch.Tensor)
+
+    @functools.cached_property
+    def torch(self):
+        import torch
+
+        return torch
+
+    def asarray(self, x, dtype=None, device=None):
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        if isinstance(x, np.ndarray) and x.dtype == np.float64 and dtype is not None:
+            x = self.torch.from_numpy(np.ascontiguousarray(x))  # exact, then one rounding below
+        return self.torch.as_tensor(x, dtype=dtype, device=device)
+
+    def dtype(self, name):
+        return getattr(self.torch, name)
+
+    def to_numpy(self, x):
+        return x.detach().to(device="cpu", dtype=self.torch.float64).numpy()
+
+    def devices(self):
+        return ("cpu", "cuda") if self.torch.cuda.is_available() else ("cpu",)
+
+    def device_of(self, x):
+        return x.device
+
+    def device_kind(self, x):
+        return x.device.type
+
+    def eye_like(self, a):
+        return self.torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+    def cholesky_ex(self, a):
+        factor, info = self.torch.linalg.cholesky_ex(a)
+        return factor, info != 0
+
+    def solve_triangular(self, a, b):
+        return self.torch.linalg.solve_triangular(a, b, upper=False)
+
+    def sync(self, x=None):
+        if self.torch.cuda.is_available() and self.torch.cuda.is_initialized():
+            self.torch.cuda.synchronize()
+
+
+class JaxBackend(Backend):
+    name = "jax"
+    module = "jax"
+    namespace = "jax.numpy"
+
+    def owns(self, x):
+        jax = sys.modules.get("jax")
+        return jax is not None and isinstance(x, jax.Array)
+
+    @functools.cached_property
+    def jax(self):
+        import jax
+
+        return jax
+
+    def enable_x64(self):
+        """JAX computes in float32 unless told otherwise; float64 inputs need this switch."""
+        self.jax.config.update("jax_enable_x64", True)
+
+    def dtype(self, name):
+        return getattr(self.jax.numpy, name)
+
+    def asarray(self, x, dtype=None, device=None):
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        if device is not None and not isinstance(device, str):
+            return self.jax.device_put(self.jax.numpy.asarray(x, dtype=dtype), device)
+        return self.jax.numpy.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x):
+        return np.asarray(x).astype(np.float64)
+
+    def devices(self):
+        kinds = {d.platform for d in self.jax.devices()}
+        return ("cpu", "cuda") if kinds & {"gpu", "cuda"} else ("cpu",)
+
+    def device_of(self, x):
+        if self.is_traced(x):
+            return None
+        return frozenset(x.devices())
+
+    def device_kind(self, x):
+        if self.is_traced(x):
+            return "traced"
+        platform = next(iter(x.devices())).platform
+        return "cuda" if platform in ("gpu", "cuda") else platform
+
+    def cholesky_ex(self, a):
+        jnp = self.jax.numpy
+        factor = jnp.linalg.cholesky(a)
+        return factor, jnp.any(jnp.isnan(factor), axis=(-2, -1))
+
+    def solve_triangular(self, a, b):
+        from jax.scipy.linalg import solve_triangular
+
+        return solve_triangular(a, b, lower=True)
+
+    def is_traced(self, x):
+        return isinstance(x, self.jax.core.Tracer)
+
+    def compile(self, fn):
+        return self.jax.jit(fn)
+
+    def sync(self, x=None):
+        if x is not None:
+            self.jax.block_until_ready(x)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (NumpyBackend(), TorchBackend(), JaxBackend())}
+
+
+def get(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+def installed() -> list[str]:
+    """Names of the backends whose framework can be imported here."""
+    return [name for name, b in BACKENDS.items() if b.installed()]
+
+
+def of(x) -> Backend | None:
+    """The backend whose array ``x`` is, or None for Python scalars and lists."""
+    for b in BACKENDS.values():
+        if b.owns(x):
+            return b
+    return None

@@ -1,0 +1,34 @@
+"""The accuracy promised for ``method="stable"``, in ulps of the output dtype (the Core issue).
+
+One place, read by the correctness suite and by ``kl-bench run``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backends import HALF_DTYPES
+
+TRIL_MAX_COND = 1e4  # kl_tril's bound is promised for cond(S_q) up to this
+
+
+def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None, narrowing: float = 1.0) -> float | None:
+    """Largest error allowed for one result; None where nothing is promised.
+
+    ``cond`` is cond(S_q) for the full-covariance families. For ``kl_cov``, ``narrowing`` is
+    lambda_max(S_p^-1 S_q): the eigenvalues 1 + lambda_i of S_q^-1 S_p come from the symmetric
+    eigenproblem with absolute error, so where p is much narrower than q in some direction the
+    term ln(1 + lambda_i) loses that factor. At every closeness of p and q (narrowing ~ 1) the
+    bound is the Core issue's 16 + cond(S_q).
+    """
+    if family == "tril" and cond is not None and cond > TRIL_MAX_COND * 1.01:
+        return None
+    if dtype in HALF_DTYPES:
+        return 1.0  # computed in float32 and rounded once
+    if family == "normal":
+        return 4.0
+    if family in ("diag", "vae"):
+        return 4.0 + math.log2(k)
+    if family == "tril":
+        return 16.0
+    return 16.0 + (cond or 1.0) * max(1.0, narrowing)  # cov: degrades with the conditioning of S_q

@@ -1,0 +1,226 @@
+"""Named, seeded regimes -> float64 parameter sets for each family.
+
+A case set is reproducible from its name: family, regime, parameter, dtype, k, seed. Its values
+are rounded to the dtype under test before anything else sees them, so the reference is the exact
+KL of exactly the inputs the kernel receives.
+
+Regimes (DESIGN.md section 3):
+- ``generic``: unrelated p and q of moderate size.
+- ``equal``: q == p bit for bit (the exact KL is 0).
+- ``near-equal`` (param: relative perturbation 1e-1 .. 1e-12): q is p perturbed by that much.
+- ``collapse`` (diag, vae; param: size): p has mean and log-variance of that size, q = N(0, I).
+- ``extreme-scale`` (normal): scales from 1e-100 to 1e100 (float64), 1e-15 to 1e15 (float32);
+  ``extreme-scale-near``: the same magnitudes with q within 1e-3 of p.
+- ``extreme-logvar`` (diag, vae): |log-variance| up to 700 (float64), 80 (float32).
+- ``high-dim`` (diag, vae): k = 1000.
+- ``ill-conditioned`` (tril, cov; param: condition number of S_q).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .kl import FAMILIES
+
+NEAR_EQUAL = (1e-1, 1e-3, 1e-6, 1e-9, 1e-12)
+
+# Per dtype: machine epsilon, largest |log10 scale| and |log-variance| for the extreme regimes,
+# and the largest condition number whose matrices stay positive definite once rounded.
+LIMITS = {
+    "float64": dict(eps=2.0**-52, log10_scale=100.0, logvar=700.0, cond=(1e2, 1e4, 1e8)),
+    "float32": dict(eps=2.0**-23, log10_scale=15.0, logvar=80.0, cond=(1e2, 1e4)),
+    "float16": dict(eps=2.0**-10, log10_scale=1.5, logvar=8.0, cond=(1e1,)),
+    "bfloat16": dict(eps=2.0**-7, log10_scale=15.0, logvar=80.0, cond=(1e1,)),
+}
+
+DEFAULT_N = {"normal": 256, "diag": 64, "vae": 64, "tril": 32, "cov": 32}
+DEFAULT_K = {"normal": 1, "diag": 16, "vae": 16, "tril": 6, "cov": 6}
+HIGH_DIM_K = 1000
+
+
+@dataclass(frozen=True)
+class CaseSet:
+    family: str
+    regime: str
+    param: float | None
+    dtype: str
+    k: int
+    seed: int
+    arrays: tuple = field(repr=False, compare=False)
+    cond: np.ndarray | None = field(default=None, repr=False, compare=False)  # cond(S_q) per case
+    # cov only: lambda_max(S_p^-1 S_q) per case, how much narrower p is than q in its narrowest direction
+    narrowing: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        regime = self.regime if self.param is None else f"{self.regime}@{self.param:g}"
+        return f"{self.family}/{regime}/{self.dtype}/k{self.k}/seed{self.seed}"
+
+    @property
+    def n(self) -> int:
+        return self.arrays[0].shape[0]
+
+
+def round_to(x, dtype: str) -> np.ndarray:
+    """float64 copy of ``x`` rounded to ``dtype`` (values exactly representable in it)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "bfloat16":  # round to nearest even on the upper 16 bits of the float32 pattern
+        bits = x.astype(np.float32).view(np.uint32)
+        bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return bits.view(np.float32).astype(np.float64)
+    return x.astype(dtype).astype(np.float64)
+
+
+def regimes(family: str, dtype: str) -> list[tuple[str, float | None]]:
+    """The (regime, param) pairs of a family that are meaningful in ``dtype``."""
+    eps = LIMITS[dtype]["eps"]
+    near = [("near-equal", d) for d in NEAR_EQUAL if d >= 4 * eps]
+    base = [("generic", None), ("equal", None)] + near
+    if family == "normal":
+        return base + [("extreme-scale", None), ("extreme-scale-near", None)]
+    if family == "diag":
+        return base + [("collapse", d) for d in (1e-3, 1e-8) if d >= 4 * eps] + [
+            ("extreme-logvar", None),
+            ("high-dim", None),
+        ]
+    if family == "vae":
+        return [("generic", None), ("equal", None)] + [("collapse", d) for d in NEAR_EQUAL if d >= 4 * eps] + [
+            ("extreme-logvar", None),
+            ("high-dim", None),
+        ]
+    return base + [("ill-conditioned", c) for c in LIMITS[dtype]["cond"]]
+
+
+def quick(family: str, dtype: str, seed: int = 0) -> list[CaseSet]:
+    """The quick case sets of one family in one dtype (the correctness suite and ``kl-bench run``)."""
+    return [generate(family, regime, dtype, param, seed=seed) for regime, param in regimes(family, dtype)]
+
+
+def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, seed=0) -> CaseSet:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    n = n or DEFAULT_N[family]
+    k = k or (HIGH_DIM_K if regime == "high-dim" else DEFAULT_K[family])
+    if regime == "high-dim":
+        n = min(n, 4)
+    tag = f"{family}/{regime}/{param}/{dtype}/{k}"
+    rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
+    make = _GENERATORS[family]
+    arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k))
+    cond = narrowing = None
+    if family == "cov":
+        cond = np.linalg.cond(arrays[3])
+        narrowing = np.linalg.eigvals(np.linalg.solve(arrays[1], arrays[3])).real.max(axis=-1)
+    elif family == "tril":
+        factor = np.tril(arrays[3])
+        cond = np.linalg.cond(factor @ np.swapaxes(factor, -1, -2))
+    return CaseSet(family, regime, param, dtype, k, seed, arrays, cond, narrowing)
+
+
+def _unknown(family, regime):
+    return ValueError(f"no regime {regime!r} for family {family!r}")
+
+
+def _normal(rng, regime, param, dtype, n, k):
+    lim = LIMITS[dtype]
+    mu_p, mu_q = rng.normal(size=n), rng.normal(size=n)
+    s_p, s_q = np.exp(rng.uniform(-1.5, 1.5, n)), np.exp(rng.uniform(-1.5, 1.5, n))
+    if regime == "generic":
+        pass
+    elif regime == "equal":
+        mu_q, s_q = mu_p, s_p
+    elif regime == "near-equal":
+        s_q = s_p * (1 + param * rng.uniform(-1, 1, n))
+        mu_q = mu_p + param * s_p * rng.uniform(-1, 1, n)
+    elif regime in ("extreme-scale", "extreme-scale-near"):
+        e = lim["log10_scale"]
+        s_p = 10.0 ** rng.uniform(-e, e, n)
+        s_q = 10.0 ** rng.uniform(-e, e, n)
+        mu_p = mu_p * s_p
+        mu_q = mu_q * s_q
+        if regime == "extreme-scale-near":
+            s_q = s_p * (1 + 1e-3 * rng.uniform(-1, 1, n))
+            mu_q = mu_p + 1e-3 * s_p * rng.uniform(-1, 1, n)
+    else:
+        raise _unknown("normal", regime)
+    return (mu_p, s_p, mu_q, s_q)
+
+
+def _diag_like(rng, regime, param, dtype, n, k, family):
+    lim = LIMITS[dtype]
+    mu_p, mu_q = rng.normal(size=(n, k)), rng.normal(size=(n, k))
+    l_p, l_q = rng.uniform(-3, 3, (n, k)), rng.uniform(-3, 3, (n, k))
+    if regime in ("generic", "high-dim"):
+        pass
+    elif regime == "equal":
+        mu_p, l_p = (np.zeros((n, k)), np.zeros((n, k))) if family == "vae" else (mu_q, l_q)
+    elif regime == "near-equal":
+        l_q = l_p * (1 + param * rng.uniform(-1, 1, (n, k)))
+        mu_q = mu_p + param * np.exp(l_p / 2) * rng.uniform(-1, 1, (n, k))
+    elif regime == "collapse":
+        mu_p, l_p = param * rng.normal(size=(n, k)), param * rng.normal(size=(n, k))
+        mu_q, l_q = np.zeros((n, k)), np.zeros((n, k))
+    elif regime == "extreme-logvar":
+        L = lim["logvar"]
+        l_p = rng.uniform(-L, L, (n, k))
+        # half the cases unrelated, half with l_q within 1 of l_p (large |l|, moderate difference)
+        l_q = np.where(np.arange(n)[:, None] % 2 == 0, rng.uniform(-L, L, (n, k)), l_p + rng.uniform(-1, 1, (n, k)))
+    else:
+        raise _unknown(family, regime)
+    if family == "vae":
+        return (mu_p, l_p)
+    return (mu_p, l_p, mu_q, l_q)
+
+
+def _spd(rng, n, k, conds):
+    """Random SPD matrices with the given condition numbers."""
+    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
+    eig = np.array([np.logspace(0, -np.log10(c), k) for c in conds])
+    s = q @ (eig[..., None] * np.swapaxes(q, -1, -2))
+    return 0.5 * (s + np.swapaxes(s, -1, -2))
+
+
+def _full(rng, regime, param, dtype, n, k, family):
+    mu_p, mu_q = rng.normal(size=(n, k)), rng.normal(size=(n, k))
+    if regime == "generic":
+        conds_p, conds_q = 10 ** rng.uniform(0, 2, n), 10 ** rng.uniform(0, 2, n)
+        s_p, s_q = _spd(rng, n, k, conds_p), _spd(rng, n, k, conds_q)
+    elif regime == "equal":
+        s_p = s_q = _spd(rng, n, k, 10 ** rng.uniform(0, 2, n))
+        mu_q = mu_p
+    elif regime in ("near-equal", "ill-conditioned"):
+        max_cond = 1e4 if regime == "near-equal" else param
+        max_cond = min(max_cond, LIMITS[dtype]["cond"][-1])
+        conds = 10 ** rng.uniform(0, np.log10(max_cond), n) if regime == "near-equal" else np.full(n, param)
+        s_q = _spd(rng, n, k, conds)
+        delta = param if regime == "near-equal" else 1e-2
+        if family == "tril":
+            l_q = np.linalg.cholesky(s_q)
+            l_p = l_q * (1 + delta * np.tril(rng.uniform(-1, 1, (n, k, k))))
+            mu_p = mu_q + delta * rng.uniform(-1, 1, (n, k))
+            if regime == "ill-conditioned":  # second half: an unrelated, well-conditioned p
+                l_p[n // 2 :] = np.linalg.cholesky(_spd(rng, n - n // 2, k, np.full(n - n // 2, 10.0)))
+            return (mu_p, l_p, mu_q, l_q)
+        a = np.eye(k) + delta * rng.uniform(-1, 1, (n, k, k))
+        s_p = a @ s_q @ np.swapaxes(a, -1, -2)
+        s_p = 0.5 * (s_p + np.swapaxes(s_p, -1, -2))
+        mu_p = mu_q + delta * rng.uniform(-1, 1, (n, k))
+        if regime == "ill-conditioned":
+            s_p[n // 2 :] = _spd(rng, n - n // 2, k, np.full(n - n // 2, 10.0))
+    else:
+        raise _unknown(family, regime)
+    if family == "tril":
+        return (mu_p, np.linalg.cholesky(s_p), mu_q, np.linalg.cholesky(s_q))
+    return (mu_p, s_p, mu_q, s_q)
+
+
+_GENERATORS = {
+    "normal": _normal,
+    "diag": lambda *a: _diag_like(*a, family="diag"),
+    "vae": lambda *a: _diag_like(*a, family="vae"),
+    "tril": lambda *a: _full(*a, family="tril"),
+    "cov": lambda *a: _full(*a, family="cov"),
+}

@@ -1,0 +1,153 @@
+"""The public KL functions: argument handling around ``kl_bench.kernels``.
+
+Each call finds the framework of its array arguments, checks their shapes, devices and dtypes,
+converts Python scalars and lists, broadcasts, computes half precision in float32, runs the kernel
+(compiled and cached on JAX) and raises ``ValueError`` for invalid values unless
+``validate=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from . import backends, kernels
+from .backends import HALF_DTYPES
+
+METHODS = ("stable", "naive")
+
+# Argument names and how many trailing axes each holds per batch element:
+# 0 elementwise, 1 a vector of length k, 2 a k x k matrix.
+SIGNATURES = {
+    "normal": (("loc_p", 0), ("scale_p", 0), ("loc_q", 0), ("scale_q", 0)),
+    "diag": (("loc_p", 1), ("logvar_p", 1), ("loc_q", 1), ("logvar_q", 1)),
+    "vae": (("loc", 1), ("logvar", 1)),
+    "tril": (("loc_p", 1), ("tril_p", 2), ("loc_q", 1), ("tril_q", 2)),
+    "cov": (("loc_p", 1), ("cov_p", 2), ("loc_q", 1), ("cov_q", 2)),
+}
+FAMILIES = tuple(SIGNATURES)
+
+
+def kl_normal(loc_p, scale_p, loc_q, scale_q, *, method="stable", validate=True):
+    """KL(N(loc_p, scale_p^2) || N(loc_q, scale_q^2)), elementwise with broadcasting."""
+    return _call("normal", (loc_p, scale_p, loc_q, scale_q), method, validate)
+
+
+def kl_diag(loc_p, logvar_p, loc_q, logvar_q, *, method="stable", validate=True):
+    """KL between diagonal Gaussians given means and log-variances; sums the last axis."""
+    return _call("diag", (loc_p, logvar_p, loc_q, logvar_q), method, validate)
+
+
+def kl_vae(loc, logvar, *, method="stable", validate=True):
+    """KL(N(loc, diag exp(logvar)) || N(0, I)), the VAE term; sums the last axis."""
+    return _call("vae", (loc, logvar), method, validate)
+
+
+def kl_tril(loc_p, tril_p, loc_q, tril_q, *, method="stable", validate=True):
+    """KL between full-covariance Gaussians given lower Cholesky factors (..., k, k)."""
+    return _call("tril", (loc_p, tril_p, loc_q, tril_q), method, validate)
+
+
+def kl_cov(loc_p, cov_p, loc_q, cov_q, *, method="stable", validate=True):
+    """KL between full-covariance Gaussians given covariance matrices (..., k, k)."""
+    return _call("cov", (loc_p, cov_p, loc_q, cov_q), method, validate)
+
+
+def _call(family, values, method, validate):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    names = [name for name, _ in SIGNATURES[family]]
+    be = _backend_of(names, values)
+    arrays, result_dtype = _convert(be, names, values)
+    arrays = _broadcast(be, family, names, arrays)
+    traced = any(be.is_traced(x) for x in arrays)
+    kernel = functools.partial(kernels.KERNELS[family], be, method=method, check=validate)
+    kl, problems = kernel(*arrays) if traced else _compiled(be, family, method, validate)(*arrays)
+    if validate and not traced:
+        _raise_problems(be, problems)
+    if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):
+        kl = be.xp.astype(kl, result_dtype)
+    return kl
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(be, family, method, check):
+    return be.compile(functools.partial(kernels.KERNELS[family], be, method=method, check=check))
+
+
+def _backend_of(names, values):
+    owners = {}
+    for name, x in zip(names, values):
+        b = backends.of(x)
+        if b is not None:
+            owners.setdefault(b.name, []).append(name)
+    if len(owners) > 1:
+        mixed = "; ".join(f"{', '.join(args)} from {fw}" for fw, args in owners.items())
+        raise TypeError(f"arrays of different frameworks in one call ({mixed}); convert them to one")
+    return backends.get(next(iter(owners), "numpy"))
+
+
+def _convert(be, names, values):
+    """Arrays of ``be`` in the compute dtype, and the dtype of the result."""
+    given = {name: x for name, x in zip(names, values) if be.owns(x)}
+    devices = {name: be.device_of(x) for name, x in given.items()}
+    distinct = {d for d in devices.values() if d is not None}
+    if len(distinct) > 1:
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise TypeError(f"arrays on different devices in one call ({listed}); move them to one")
+    device = next(iter(given.values())).device if given and be.name == "torch" else None
+    result_dtype = be.result_dtype(list(given.values())) if given else be.dtype("float64")
+    compute = be.dtype("float32") if be.dtype_name(result_dtype) in HALF_DTYPES else result_dtype
+    arrays = []
+    for name, x in zip(names, values):
+        if not be.owns(x):
+            try:
+                x = np.asarray(x, dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{name} must be an array or a number, got {type(x).__name__}") from err
+        arrays.append(be.asarray(x, dtype=compute, device=device))
+    return arrays, result_dtype
+
+
+def _broadcast(be, family, names, arrays):
+    core = dict(SIGNATURES[family])
+    shapes = {name: tuple(x.shape) for name, x in zip(names, arrays)}
+    if family in ("normal", "diag", "vae"):
+        try:
+            shape = np.broadcast_shapes(*shapes.values())
+        except ValueError:
+            raise ValueError(f"shapes do not broadcast: {_listing(shapes)}") from None
+        if family != "normal" and len(shape) == 0:
+            raise ValueError(f"{names[0]} and the others must have a last axis of length k, got {_listing(shapes)}")
+        return arrays  # elementwise operations broadcast by themselves
+    mat_names = [n for n in names if core[n] == 2]
+    for n in mat_names:
+        s = shapes[n]
+        if len(s) < 2 or s[-1] != s[-2]:
+            raise ValueError(f"{n} must be a square matrix or a batch of them (..., k, k), got shape {s}")
+    k = shapes[mat_names[0]][-1]
+    if shapes[mat_names[1]][-1] != k:
+        raise ValueError(f"mismatched dimension k: {_listing({n: shapes[n] for n in mat_names})}")
+    for n in names:
+        if core[n] == 1 and len(shapes[n]) >= 1 and shapes[n][-1] not in (1, k):
+            raise ValueError(f"mismatched dimension k: {n} has shape {shapes[n]} but {mat_names[0]} is {k}x{k}")
+    batches = {n: s[: len(s) - core[n]] if len(s) >= core[n] else () for n, s in shapes.items()}
+    try:
+        batch = np.broadcast_shapes(*batches.values())
+    except ValueError:
+        raise ValueError(f"batch shapes do not broadcast: {_listing(shapes)}") from None
+    xp = be.xp
+    return [xp.broadcast_to(x, batch + (k,) * core[n]) for n, x in zip(names, arrays)]
+
+
+def _listing(shapes):
+    return ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+
+
+def _raise_problems(be, problems):
+    for (name, message), mask in problems.items():
+        if be.any(mask):
+            where = np.argwhere(np.atleast_1d(be.to_numpy(mask)))
+            at = f" (first at batch index {tuple(int(i) for i in where[0])})" if mask.ndim else ""
+            raise ValueError(f"{name} {message}{at}")

@@ -1,0 +1,67 @@
+"""pytest plugin (registered through the ``pytest11`` entry point): options and fixtures shared by
+``stability/`` and ``benchmarks/``.
+
+- ``--kl-backend NAME`` (repeatable, or comma-separated): run only these backends.
+- ``--kl-device cpu|cuda`` (repeatable): run only these devices.
+- fixture ``kl_subject``: parametrised over every backend x device x method of this project;
+  absent frameworks and devices skip with the reason.
+- fixture ``kl_target``: the same over backend x device, with ``method="stable"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import backends
+from .subjects import Subject, ours
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kl-bench")
+    group.addoption("--kl-backend", action="append", default=[], help="run only this backend (numpy, torch, jax)")
+    group.addoption("--kl-device", action="append", default=[], help="run only this device (cpu, cuda)")
+
+
+def _selected(config, option):
+    return {v for item in config.getoption(option) for v in item.split(",") if v}
+
+
+def pytest_configure(config):
+    unknown = _selected(config, "--kl-backend") - set(backends.BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"--kl-backend: unknown {', '.join(sorted(unknown))}; known: {', '.join(backends.BACKENDS)}")
+
+
+def _params(config, methods):
+    wanted_backends = _selected(config, "--kl-backend")
+    wanted_devices = _selected(config, "--kl-device")
+    params = []
+    for subject in ours(methods):
+        if wanted_backends and subject.backend not in wanted_backends:
+            continue
+        if wanted_devices and subject.device not in wanted_devices:
+            continue
+        reason = subject.unavailable()
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        ident = f"{subject.backend}-{subject.device}" + ("" if len(methods) == 1 else f"-{subject.method}")
+        params.append(pytest.param(subject, id=ident, marks=marks))
+    return params
+
+
+def pytest_generate_tests(metafunc):
+    if "kl_subject" in metafunc.fixturenames:
+        metafunc.parametrize("kl_subject", _params(metafunc.config, ("stable", "naive")))
+    if "kl_target" in metafunc.fixturenames:
+        metafunc.parametrize("kl_target", _params(metafunc.config, ("stable",)))
+
+
+@pytest.fixture
+def kl_dtype_skip():
+    """Call with (subject, dtype) to skip when the backend lacks the dtype."""
+
+    def check(subject: Subject, dtype: str):
+        reason = subject.unavailable(dtype)
+        if reason:
+            pytest.skip(reason)
+
+    return check

@@ -1,0 +1,58 @@
+"""The on-disk reference cache: keyed by inputs and version, corrupt entries recomputed."""
+
+import json
+
+import mpmath
+import numpy as np
+import pytest
+
+from kl_bench import reference
+
+ARGS = ("normal", [np.float64(0.1), np.float64(1.5), np.float64(0.0), np.float64(1.0)])
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return reference.Cache(tmp_path)
+
+
+def test_value_is_stored_and_reused(cache):
+    first = cache.value(*ARGS)
+    assert (cache.misses, cache.hits) == (1, 0)
+    again = reference.Cache(cache.directory).value(*ARGS)  # a new process would see the same file
+    assert again == first
+    assert first == reference.validated(*ARGS)
+    assert mpmath.frexp(first)[0] != mpmath.frexp(mpmath.mpf(float(first)))[0]  # more than 53 bits kept
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # truncated
+        lambda text: "",  # empty
+        lambda text: text.replace('"man": "', '"man": "1'),  # changed digits, stale checksum
+        lambda text: "\x00garbage",
+    ],
+)
+def test_corrupt_entry_is_detected_and_recomputed(cache, damage):
+    good = cache.value(*ARGS)
+    path = cache.path(cache.key(*ARGS))
+    path.write_text(damage(path.read_text()))
+    fresh = reference.Cache(cache.directory)
+    assert fresh.value(*ARGS) == good
+    assert fresh.corrupt == 1 and fresh.misses == 1
+    assert json.loads(path.read_text())["check"]  # rewritten whole
+
+
+def test_key_depends_on_inputs_family_and_version(cache, monkeypatch):
+    key = cache.key(*ARGS)
+    assert cache.key("normal", [np.float64(0.1), np.float64(1.5), np.float64(0.0), np.float64(1.0000000000000002)]) != key
+    assert cache.key("diag", ARGS[1]) != key
+    monkeypatch.setattr(reference, "REFERENCE_VERSION", reference.REFERENCE_VERSION + 1)
+    assert cache.key(*ARGS) != key
+
+
+def test_kl_functions_use_the_cache_directory_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KL_BENCH_CACHE", str(tmp_path / "refs"))
+    reference.kl_vae([0.5, 0.1], [0.2, -0.3])
+    assert len(list((tmp_path / "refs").rglob("*.json"))) == 1

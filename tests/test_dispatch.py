@@ -1,0 +1,109 @@
+"""Argument handling of the public functions: types, dtypes, shapes and the errors for bad input."""
+
+import numpy as np
+import pytest
+
+import kl_bench
+from kl_bench import backends
+
+EYE = np.eye(3)
+
+
+def test_python_scalars_and_lists_become_numpy_float64():
+    out = kl_bench.kl_normal(0, 1, [0.5, 1], 2)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (2,)
+    assert isinstance(kl_bench.kl_vae([1.0, 2.0], [0.0, 0.1]), np.floating)
+
+
+def test_integers_promote_like_numpy():
+    assert kl_bench.kl_vae(np.arange(3), np.zeros(3, dtype=np.int32)).dtype == np.float64
+    assert kl_bench.kl_vae(np.arange(3, dtype=np.float32), 0.0).dtype == np.float32
+
+
+def test_no_framework_is_imported_for_numpy_inputs():
+    import subprocess
+    import sys
+
+    code = "import sys, kl_bench; kl_bench.kl_cov([0,0], [[1,0],[0,1]], [1,0], [[2,0],[0,2]]); print('torch' in sys.modules, 'jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        kl_bench.kl_vae([0.0], [0.0], method="textbook")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kl_bench.kl_normal(0.0, -1.0, 0.0, 1.0), "scale_p must be positive"),
+        (lambda: kl_bench.kl_normal(0.0, 1.0, 0.0, [1.0, 0.0]), r"scale_q must be positive \(first at batch index \(1,\)\)"),
+        (lambda: kl_bench.kl_normal(np.zeros(3), 1.0, np.zeros(4), 1.0), r"do not broadcast: loc_p \(3,\), scale_p \(\), loc_q \(4,\)"),
+        (lambda: kl_bench.kl_diag(np.zeros(3), np.zeros(4), 0.0, 0.0), "logvar_p"),
+        (lambda: kl_bench.kl_vae(1.0, 0.0), "last axis of length k"),
+        (lambda: kl_bench.kl_tril(np.zeros(3), -EYE, np.zeros(3), EYE), "tril_p has a non-positive diagonal"),
+        (lambda: kl_bench.kl_tril(np.zeros(3), EYE, np.zeros(3), EYE + np.triu(EYE + 1, 1)), "tril_q is not lower triangular"),
+        (lambda: kl_bench.kl_tril(np.zeros(3), EYE, np.zeros(3), np.eye(4)), "mismatched dimension k"),
+        (lambda: kl_bench.kl_tril(np.zeros(4), EYE, np.zeros(3), EYE), r"loc_p has shape \(4,\) but tril_p is 3x3"),
+        (lambda: kl_bench.kl_cov(np.zeros(3), EYE, np.zeros(3), np.ones((3, 2))), "cov_q must be a square matrix"),
+        (lambda: kl_bench.kl_cov(np.zeros(3), EYE, np.zeros(3), -EYE), "cov_q is not positive definite"),
+        (lambda: kl_bench.kl_cov(np.zeros(3), np.diag([1.0, -1.0, 1.0]), np.zeros(3), EYE), "cov_p is not positive definite"),
+        (lambda: kl_bench.kl_cov(np.zeros((2, 3)), EYE, np.zeros((4, 3)), EYE), "batch shapes do not broadcast"),
+    ],
+)
+def test_bad_input_names_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_validate_false_gives_nan_instead_of_raising():
+    out = kl_bench.kl_cov(np.zeros((2, 3)), np.stack([EYE, EYE]), np.zeros(3), np.stack([EYE, -EYE]), validate=False)
+    assert out[0] == 0.0 and np.isnan(out[1])
+
+
+def test_not_an_array():
+    with pytest.raises(TypeError, match="loc must be an array or a number"):
+        kl_bench.kl_vae("abc", [0.0])
+
+
+def test_mixed_frameworks_are_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"different frameworks.*loc_p, loc_q from numpy; scale_p, scale_q from torch"):
+        kl_bench.kl_normal(np.zeros(2), torch.ones(2), np.zeros(2), torch.ones(2))
+
+
+def test_tensors_on_different_devices_are_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="different devices.*scale_p on meta"):
+        kl_bench.kl_normal(torch.zeros(2), torch.ones(2, device="meta"), 0.0, 1.0)
+
+
+def test_python_scalars_follow_the_tensor_dtype_and_device():
+    torch = pytest.importorskip("torch")
+    out = kl_bench.kl_normal(torch.zeros(2, dtype=torch.float16), 1.5, 0.0, 1.0)
+    assert out.dtype == torch.float16
+
+
+def test_torch_autograd_matches_the_analytic_gradient():
+    torch = pytest.importorskip("torch")
+    loc = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([0.5, -0.25], dtype=torch.float64, requires_grad=True)
+    kl_bench.kl_vae(loc, logvar).backward()
+    np.testing.assert_allclose(loc.grad.numpy(), loc.detach().numpy(), rtol=1e-15)
+    np.testing.assert_allclose(logvar.grad.numpy(), 0.5 * np.expm1(logvar.detach().numpy()), rtol=1e-15)
+
+
+def test_jax_inside_user_jit_skips_raising_but_masks_invalid_values():
+    jax = pytest.importorskip("jax")
+    backends.get("jax").enable_x64()
+    f = jax.jit(lambda s: kl_bench.kl_normal(0.0, s, 0.0, 1.0))
+    out = np.asarray(f(jax.numpy.asarray([1.0, -1.0])))
+    assert out[0] == 0.0 and np.isnan(out[1])
+    with pytest.raises(ValueError, match="scale_p must be positive"):
+        kl_bench.kl_normal(0.0, jax.numpy.asarray([1.0, -1.0]), 0.0, 1.0)
+
+
+def test_installed_backends_always_include_numpy():
+    assert backends.installed()[0] == "numpy"
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.get("tensorflow")
