@@ -12,15 +12,9 @@ from .backends import HALF_DTYPES
 TRIL_MAX_COND = 1e4  # kl_tril's bound is promised for cond(S_q) up to this
 
 
-def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None, narrowing: float = 1.0) -> float | None:
+def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None) -> float | None:
     """Largest error allowed for one result; None where nothing is promised.
-
-    ``cond`` is cond(S_q) for the full-covariance families. For ``kl_cov``, ``narrowing`` is
-    lambda_max(S_p^-1 S_q): the eigenvalues 1 + lambda_i of S_q^-1 S_p come from the symmetric
-    eigenproblem with absolute error, so where p is much narrower than q in some direction the
-    term ln(1 + lambda_i) loses that factor. At every closeness of p and q (narrowing ~ 1) the
-    bound is the Core issue's 16 + cond(S_q).
-    """
+    ``cond`` is cond(S_q) for the full-covariance families."""
     if family == "tril" and cond is not None and cond > TRIL_MAX_COND * 1.01:
         return None
     if dtype in HALF_DTYPES:
@@ -31,4 +25,4 @@ def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None, narrow
         return 4.0 + math.log2(k)
     if family == "tril":
         return 16.0
-    return 16.0 + (cond or 1.0) * max(1.0, narrowing)  # cov: degrades with the conditioning of S_q
+    return 16.0 + (cond or 1.0)  # cov: degrades with the conditioning of S_q

@@ -51,8 +51,6 @@ class CaseSet:
     seed: int
     arrays: tuple = field(repr=False, compare=False)
     cond: np.ndarray | None = field(default=None, repr=False, compare=False)  # cond(S_q) per case
-    # cov only: lambda_max(S_p^-1 S_q) per case, how much narrower p is than q in its narrowest direction
-    narrowing: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -110,14 +108,13 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
     make = _GENERATORS[family]
     arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k))
-    cond = narrowing = None
+    cond = None
     if family == "cov":
         cond = np.linalg.cond(arrays[3])
-        narrowing = np.linalg.eigvals(np.linalg.solve(arrays[1], arrays[3])).real.max(axis=-1)
     elif family == "tril":
         factor = np.tril(arrays[3])
         cond = np.linalg.cond(factor @ np.swapaxes(factor, -1, -2))
-    return CaseSet(family, regime, param, dtype, k, seed, arrays, cond, narrowing)
+    return CaseSet(family, regime, param, dtype, k, seed, arrays, cond)
 
 
 def _unknown(family, regime):

@@ -269,9 +269,22 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         half = be.solve_triangular(factor_q, xp.matrix_transpose(solved[..., :k]))
         m = 0.5 * (half + xp.matrix_transpose(half))
         lam = xp.linalg.eigvalsh(m)
-        bad_p = xp.any(lam <= -1.0, axis=-1)
+        factor_p, bad_p = be.cholesky_ex(cov_p)
+        bad_p = bad_p | xp.any(lam <= -1.0, axis=-1)
         lam = xp.where(bad_p[..., None], 0.0, lam)
-        kl = 0.5 * xp.sum(psi(be, lam), axis=-1) + 0.5 * xp.sum(solved[..., k] ** 2, axis=-1)
+        factor_p = xp.where(bad_p[..., None, None], be.eye_like(factor_p), factor_p)
+        # Eigenvalues come with an absolute error, which log1p(lambda) magnifies by 1/(1 + lambda)
+        # where p is much narrower than q. For lambda < -1/2 the sum of log1p(lambda) is taken
+        # instead from the log-determinants, whose Cholesky factors carry relative errors:
+        # sum log1p(lambda_i) = ln det S_p - ln det S_q.
+        narrow = lam < -0.5
+        log1p_wide = xp.sum(xp.where(narrow, 0.0, xp.log1p(xp.where(narrow, 0.0, lam))), axis=-1)
+        logdet_ratio = 2.0 * xp.sum(
+            xp.log(xp.linalg.diagonal(factor_p)) - xp.log(xp.linalg.diagonal(factor_q)), axis=-1
+        )
+        log1p_narrow = xp.where(xp.any(narrow, axis=-1), logdet_ratio - log1p_wide, 0.0)
+        psi_sum = xp.sum(xp.where(narrow, lam, psi(be, xp.where(narrow, 0.0, lam))), axis=-1) - log1p_narrow
+        kl = 0.5 * psi_sum + 0.5 * xp.sum(solved[..., k] ** 2, axis=-1)
     bad = nan_rows | bad_q
     if bad_p is not None:
         bad = bad | bad_p

@@ -24,8 +24,7 @@ def references(case: cases.CaseSet) -> np.ndarray:
 def case_bounds(case: cases.CaseSet) -> np.ndarray:
     """The stable bound of each case (NaN where nothing is promised)."""
     conds = case.cond if case.cond is not None else [None] * case.n
-    narrowing = case.narrowing if case.narrowing is not None else [1.0] * case.n
-    limits = [bounds.ulp_bound(case.family, case.dtype, case.k, c, w) for c, w in zip(conds, narrowing)]
+    limits = [bounds.ulp_bound(case.family, case.dtype, case.k, c) for c in conds]
     return np.array([np.nan if b is None else b for b in limits], dtype=float)
 
 
