@@ -46,3 +46,23 @@ def test_naive_agrees_with_stable_on_generic_inputs(kl_target, family):
     naive_subject = type(kl_target)(kl_target.backend, kl_target.device, "naive")
     naive = naive_subject.run(family, case.arrays, "float64")
     np.testing.assert_allclose(naive, stable, rtol=1e-6)
+
+
+def test_cov_where_p_is_much_narrower_than_q(kl_target):
+    """1 + lambda_min of S_q^-1 S_p down to 1e-4, where log1p(lambda) would magnify the
+    eigensolver's absolute error 1e4 times. Here S_p itself is ill-conditioned, and the KL is as
+    sensitive to S_p (dKL/dS_p = (S_q^-1 - S_p^-1)/2) as to S_q: no backward-stable method beats
+    about cond(S_p) ulp, so cond(S_p) is added to the bound 16 + cond(S_q)."""
+    rng = np.random.default_rng(42)
+    n, k = 16, 6
+    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
+    widths = 10.0 ** -rng.uniform(0, 4, size=(n, k))
+    s_p = q @ (widths[..., None] * np.swapaxes(q, -1, -2))
+    s_p = 0.5 * (s_p + np.swapaxes(s_p, -1, -2))
+    s_q = cases._spd(rng, n, k, np.full(n, 2.0))
+    arrays = (rng.normal(size=(n, k)), s_p, rng.normal(size=(n, k)), s_q)
+    case = cases.CaseSet("cov", "p-narrow", None, "float64", k, 42, arrays, np.linalg.cond(s_q))
+    err = sweeps.errors(kl_target, case)
+    limit = sweeps.case_bounds(case) + np.linalg.cond(s_p)
+    worst = int(np.argmax(err["ulps"] - limit))
+    assert err["ulps"][worst] <= limit[worst], _describe(case, err, worst)
