@@ -172,12 +172,17 @@ def _diag_like(rng, regime, param, dtype, n, k, family):
     return (mu_p, l_p, mu_q, l_q)
 
 
+def random_spd(rng, eigenvalues):
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q, one matrix per row of ``eigenvalues``."""
+    n, k = eigenvalues.shape
+    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
+    s = q @ (eigenvalues[..., None] * np.swapaxes(q, -1, -2))
+    return 0.5 * (s + np.swapaxes(s, -1, -2))
+
+
 def _spd(rng, n, k, conds):
     """Random SPD matrices with the given condition numbers."""
-    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
-    eig = np.array([np.logspace(0, -np.log10(c), k) for c in conds])
-    s = q @ (eig[..., None] * np.swapaxes(q, -1, -2))
-    return 0.5 * (s + np.swapaxes(s, -1, -2))
+    return random_spd(rng, np.array([np.logspace(0, -np.log10(c), k) for c in conds]))
 
 
 def _full(rng, regime, param, dtype, n, k, family):

@@ -62,8 +62,10 @@ def _call(family, values, method, validate):
     arrays, result_dtype = _convert(be, names, values)
     arrays = _broadcast(be, family, names, arrays)
     traced = any(be.is_traced(x) for x in arrays)
-    kernel = functools.partial(kernels.KERNELS[family], be, method=method, check=validate)
-    kl, problems = kernel(*arrays) if traced else _compiled(be, family, method, validate)(*arrays)
+    if traced:  # inside the caller's own jax.jit: trace the kernel into it
+        kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
+    else:
+        kl, problems = _compiled(be, family, method, validate)(*arrays)
     if validate and not traced:
         _raise_problems(be, problems)
     if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):

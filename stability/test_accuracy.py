@@ -54,12 +54,9 @@ def test_cov_where_p_is_much_narrower_than_q(kl_target):
     sensitive to S_p (dKL/dS_p = (S_q^-1 - S_p^-1)/2) as to S_q: no backward-stable method beats
     about cond(S_p) ulp, so cond(S_p) is added to the bound 16 + cond(S_q)."""
     rng = np.random.default_rng(42)
-    n, k = 16, 6
-    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
-    widths = 10.0 ** -rng.uniform(0, 4, size=(n, k))
-    s_p = q @ (widths[..., None] * np.swapaxes(q, -1, -2))
-    s_p = 0.5 * (s_p + np.swapaxes(s_p, -1, -2))
-    s_q = cases._spd(rng, n, k, np.full(n, 2.0))
+    n, k = 64, 6
+    s_p = cases.random_spd(rng, 10.0 ** -rng.uniform(0, 4, size=(n, k)))
+    s_q = cases.random_spd(rng, np.tile(np.logspace(0, -np.log10(2.0), k), (n, 1)))
     arrays = (rng.normal(size=(n, k)), s_p, rng.normal(size=(n, k)), s_q)
     case = cases.CaseSet("cov", "p-narrow", None, "float64", k, 42, arrays, np.linalg.cond(s_q))
     err = sweeps.errors(kl_target, case)

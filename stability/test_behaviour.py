@@ -37,11 +37,7 @@ def test_nan_in_one_element_gives_nan_there_only(kl_subject, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_batch_gives_empty_result(kl_subject, family):
     k = 3
-    core = dict(kl.SIGNATURES[family])
-    arrays = []
-    for name, ndim in kl.SIGNATURES[family]:
-        shape = (0,) + (k,) * core[name]
-        arrays.append(np.ones(shape))
+    arrays = [np.ones((0,) + (k,) * core_ndim) for _, core_ndim in kl.SIGNATURES[family]]
     result = _call(kl_subject, family, arrays)
     assert tuple(result.shape) == (0,)
 
@@ -96,7 +92,7 @@ def test_gradient_is_finite_and_zero_at_p_equal_q(kl_target, family):
         import jax
 
         inputs = [kl_target.asarray(a, "float64") for a in arrays]
-        grads = jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(xs := inputs))))(*inputs)
+        grads = jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(inputs))))(*inputs)
         grads = [np.asarray(g) for g in grads]
     else:
         pytest.skip("NumPy has no autodiff")
