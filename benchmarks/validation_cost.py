@@ -6,25 +6,14 @@ Prints a Markdown table (median of repeated calls, in microseconds, and the rati
 the framework's own dispatch; JAX calls are compiled once before timing and blocked on.
 """
 
-import time
-
 import numpy as np
 
 import kl_bench
 from kl_bench import backends, cases
 from kl_bench.subjects import Subject
+from kl_bench.timing import median_seconds
 
 SHAPES = {"normal": 4096, "diag": 64, "vae": 64, "tril": 16, "cov": 16}  # batch size (k from the case sets)
-
-
-def timed(fn, be, repeats=30):
-    be.sync(fn())  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        be.sync(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
@@ -36,8 +25,8 @@ def main():
             subject = Subject(name)
             args = [subject.asarray(a, "float32") for a in case.arrays]
             fn = getattr(kl_bench, f"kl_{family}")
-            on = timed(lambda: fn(*args), subject.be)
-            off = timed(lambda: fn(*args, validate=False), subject.be)
+            on = median_seconds(lambda: fn(*args), subject.be, repeats=30)
+            off = median_seconds(lambda: fn(*args, validate=False), subject.be, repeats=30)
             shape = "x".join(map(str, case.arrays[1].shape))
             print(f"| {family} | {name} | {shape} | {on * 1e6:.0f} | {off * 1e6:.0f} | {on / off:.2f} |")
 
