@@ -4,4 +4,12 @@ measures them against mpmath references."""
 from .kl import FAMILIES, METHODS, kl_cov, kl_diag, kl_normal, kl_tril, kl_vae
 
 __version__ = "0.1.0"
-__all__ = ["FAMILIES", "METHODS", "kl_cov", "kl_diag", "kl_normal", "kl_tril", "kl_vae", "__version__"]
+__all__ = ["FAMILIES", "METHODS", "check", "kl_cov", "kl_diag", "kl_normal", "kl_tril", "kl_vae", "__version__"]
+
+
+def __getattr__(name):
+    if name == "check":  # the checker needs pandas and mpmath: import them only when asked for
+        from .checker import check
+
+        return check
+    raise AttributeError(f"module 'kl_bench' has no attribute {name!r}")

@@ -96,6 +96,10 @@ class Backend:
         """True while a compiler is tracing ``x`` (no concrete values to validate)."""
         return False
 
+    def grad_of_sum(self, fn, args) -> list:
+        """d sum(fn(*args)) / d each argument, through the framework's autodiff."""
+        raise NotImplementedError(f"{self.name} has no autodiff")
+
     def compile(self, fn):
         """The framework's compiled form of a pure array function (identity where there is none)."""
         return fn
@@ -203,6 +207,14 @@ class TorchBackend(Backend):
     def solve_triangular(self, a, b):
         return self.torch.linalg.solve_triangular(a, b, upper=False)
 
+    def grad_of_sum(self, fn, args):
+        args = [a.detach().clone().requires_grad_(True) for a in args]
+        fn(*args).sum().backward()
+        return [self.torch.zeros_like(a) if a.grad is None else a.grad for a in args]
+
+    def is_traced(self, x):
+        return self.torch.compiler.is_compiling()  # inside the caller's torch.compile
+
     def sync(self, x=None):
         if self.torch.cuda.is_available() and self.torch.cuda.is_initialized():
             self.torch.cuda.synchronize()
@@ -267,6 +279,9 @@ class JaxBackend(Backend):
 
     def is_traced(self, x):
         return isinstance(x, self.jax.core.Tracer)
+
+    def grad_of_sum(self, fn, args):
+        return list(self.jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(args))))(*args))
 
     def compile(self, fn):
         return self.jax.jit(fn)

@@ -12,8 +12,14 @@ Regimes (DESIGN.md section 3):
 - ``extreme-scale`` (normal): scales from 1e-100 to 1e100 (float64), 1e-15 to 1e15 (float32);
   ``extreme-scale-near``: the same magnitudes with q within 1e-3 of p.
 - ``extreme-logvar`` (diag, vae): |log-variance| up to 700 (float64), 80 (float32).
-- ``high-dim`` (diag, vae): k = 1000.
-- ``ill-conditioned`` (tril, cov; param: condition number of S_q).
+- ``high-dim`` (every family but normal): k = 1000 in the quick set, any k in the dimension sweep.
+  Full covariances there are block diagonal (blocks of ``BLOCK``, rows and columns shuffled for
+  ``cov``), so that the reference is the exact sum of small blocks' references.
+- ``ill-conditioned`` (tril, cov; param: condition number of S_q, 1 .. 1e16).
+
+``case_sets(family, dtype, sweep)`` names the case sets of each sweep: ``quick`` (the correctness
+suite and ``kl-bench run``), ``closeness`` (error versus the relative perturbation),
+``conditioning`` (versus cond(S_q)), ``dimension`` (versus k) and ``full`` (all of them).
 """
 
 from __future__ import annotations
@@ -26,14 +32,26 @@ import numpy as np
 from .kl import FAMILIES
 
 NEAR_EQUAL = (1e-1, 1e-3, 1e-6, 1e-9, 1e-12)
+CLOSENESS = tuple(10.0**-e for e in range(1, 13))
+CONDITIONING = tuple(10.0**e for e in range(0, 17, 2))
+DIMENSION = {
+    "normal": (),
+    "diag": (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
+    "vae": (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
+    "tril": (2, 8, 32, 128, 512, 1_000),
+    "cov": (2, 8, 32, 128, 512, 1_000),
+}
+SWEEPS = ("quick", "closeness", "conditioning", "dimension", "full")
+BLOCK = 4
 
 # Per dtype: machine epsilon, largest |log10 scale| and |log-variance| for the extreme regimes,
-# and the largest condition number whose matrices stay positive definite once rounded.
+# the condition numbers of the quick set, and the largest condition number of S_q that a rounded
+# covariance matrix (max_cond) or Cholesky factor (max_cond_tril) can carry in that dtype.
 LIMITS = {
-    "float64": dict(eps=2.0**-52, log10_scale=100.0, logvar=700.0, cond=(1e2, 1e4, 1e8)),
-    "float32": dict(eps=2.0**-23, log10_scale=15.0, logvar=80.0, cond=(1e2, 1e4)),
-    "float16": dict(eps=2.0**-10, log10_scale=1.5, logvar=8.0, cond=(1e1,)),
-    "bfloat16": dict(eps=2.0**-7, log10_scale=15.0, logvar=80.0, cond=(1e1,)),
+    "float64": dict(eps=2.0**-52, log10_scale=100.0, logvar=700.0, cond=(1e2, 1e4, 1e8), max_cond=1e12, max_cond_tril=1e16),
+    "float32": dict(eps=2.0**-23, log10_scale=15.0, logvar=80.0, cond=(1e2, 1e4), max_cond=1e4, max_cond_tril=1e8),
+    "float16": dict(eps=2.0**-10, log10_scale=1.5, logvar=8.0, cond=(1e1,), max_cond=1e1, max_cond_tril=1e2),
+    "bfloat16": dict(eps=2.0**-7, log10_scale=15.0, logvar=80.0, cond=(1e1,), max_cond=1e1, max_cond_tril=1e2),
 }
 
 DEFAULT_N = {"normal": 256, "diag": 64, "vae": 64, "tril": 32, "cov": 32}
@@ -97,13 +115,39 @@ def quick(family: str, dtype: str, seed: int = 0) -> list[CaseSet]:
     return [generate(family, regime, dtype, param, seed=seed) for regime, param in regimes(family, dtype)]
 
 
+def sweep_specs(family: str, dtype: str, sweep: str = "quick") -> list[tuple[str, float | None, int | None]]:
+    """The (regime, param, k) of each case set of a sweep; k None means the family's default."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; known: {', '.join(SWEEPS)}")
+    if sweep == "full":
+        specs = [s for part in SWEEPS[:-1] for s in sweep_specs(family, dtype, part)]
+        return list(dict.fromkeys(specs))  # the quick set overlaps the others
+    if sweep == "quick":
+        return [(regime, param, None) for regime, param in regimes(family, dtype)]
+    eps = LIMITS[dtype]["eps"]
+    if sweep == "closeness":
+        regime = "collapse" if family == "vae" else "near-equal"
+        return [(regime, d, None) for d in CLOSENESS if d >= 4 * eps]
+    if sweep == "conditioning":
+        if family not in ("tril", "cov"):
+            return []
+        cap = LIMITS[dtype]["max_cond_tril" if family == "tril" else "max_cond"]
+        return [("ill-conditioned", c, None) for c in CONDITIONING if c <= cap]
+    return [("high-dim", None, k) for k in DIMENSION[family]]
+
+
+def case_sets(family: str, dtype: str, sweep: str = "quick", seed: int = 0) -> list[CaseSet]:
+    """The case sets of one family in one dtype for a sweep (see ``SWEEPS``)."""
+    return [generate(family, regime, dtype, param, k=k, seed=seed) for regime, param, k in sweep_specs(family, dtype, sweep)]
+
+
 def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, seed=0) -> CaseSet:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     n = n or DEFAULT_N[family]
     k = k or (HIGH_DIM_K if regime == "high-dim" else DEFAULT_K[family])
     if regime == "high-dim":
-        n = min(n, 4)
+        n = min(n, 4 if k <= 10_000 else 2)
     tag = f"{family}/{regime}/{param}/{dtype}/{k}"
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
     make = _GENERATORS[family]
@@ -111,9 +155,8 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
     cond = None
     if family == "cov":
         cond = np.linalg.cond(arrays[3])
-    elif family == "tril":
-        factor = np.tril(arrays[3])
-        cond = np.linalg.cond(factor @ np.swapaxes(factor, -1, -2))
+    elif family == "tril":  # cond(L L^T) = cond(L)^2, without forming L L^T
+        cond = np.linalg.cond(np.tril(arrays[3])) ** 2
     return CaseSet(family, regime, param, dtype, k, seed, arrays, cond)
 
 
@@ -185,7 +228,43 @@ def _spd(rng, n, k, conds):
     return random_spd(rng, np.array([np.logspace(0, -np.log10(c), k) for c in conds]))
 
 
+def _factor(rng, conds, k):
+    """Lower Cholesky factors of random SPD matrices with the given condition numbers, from a QR
+    factorisation (accurate where forming the matrix and factoring it would fail)."""
+    q, _ = np.linalg.qr(rng.normal(size=(len(conds), k, k)))
+    scaled = np.sqrt(np.array([np.logspace(0, -np.log10(c), k) for c in conds]))[..., None] * np.swapaxes(q, -1, -2)
+    r = np.linalg.qr(scaled)[1]  # S = scaled^T scaled = r^T r
+    r = r * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None]
+    return np.swapaxes(r, -1, -2)
+
+
+def _block_diagonal(rng, dtype, n, k, family):
+    """Independent blocks of BLOCK coordinates (generic and near-equal pairs, mixed), shuffled
+    symmetrically for ``cov`` (the KL is invariant under a common permutation)."""
+    parts = []
+    for start in range(0, k, BLOCK):
+        size = min(BLOCK, k - start)
+        regime, param = [("generic", None), ("near-equal", 1e-3)][(start // BLOCK) % 2]
+        parts.append(_full(rng, regime, param, dtype, n, size, family))
+    mu_p = np.concatenate([p[0] for p in parts], axis=-1)
+    mu_q = np.concatenate([p[2] for p in parts], axis=-1)
+    mats = []
+    for i in (1, 3):
+        m = np.zeros((n, k, k))
+        for start, part in zip(range(0, k, BLOCK), parts):
+            size = part[i].shape[-1]
+            m[:, start : start + size, start : start + size] = part[i]
+        mats.append(m)
+    if family == "cov":
+        order = rng.permutation(k)
+        mu_p, mu_q = mu_p[:, order], mu_q[:, order]
+        mats = [m[:, order][:, :, order] for m in mats]
+    return (mu_p, mats[0], mu_q, mats[1])
+
+
 def _full(rng, regime, param, dtype, n, k, family):
+    if regime == "high-dim":
+        return _block_diagonal(rng, dtype, n, k, family)
     mu_p, mu_q = rng.normal(size=(n, k)), rng.normal(size=(n, k))
     if regime == "generic":
         conds_p, conds_q = 10 ** rng.uniform(0, 2, n), 10 ** rng.uniform(0, 2, n)
@@ -195,17 +274,17 @@ def _full(rng, regime, param, dtype, n, k, family):
         mu_q = mu_p
     elif regime in ("near-equal", "ill-conditioned"):
         max_cond = 1e4 if regime == "near-equal" else param
-        max_cond = min(max_cond, LIMITS[dtype]["cond"][-1])
-        conds = 10 ** rng.uniform(0, np.log10(max_cond), n) if regime == "near-equal" else np.full(n, param)
-        s_q = _spd(rng, n, k, conds)
+        max_cond = min(max_cond, LIMITS[dtype]["max_cond_tril" if family == "tril" else "max_cond"])
+        conds = 10 ** rng.uniform(0, np.log10(max_cond), n) if regime == "near-equal" else np.full(n, max_cond)
         delta = param if regime == "near-equal" else 1e-2
         if family == "tril":
-            l_q = np.linalg.cholesky(s_q)
+            l_q = _factor(rng, conds, k)
             l_p = l_q * (1 + delta * np.tril(rng.uniform(-1, 1, (n, k, k))))
             mu_p = mu_q + delta * rng.uniform(-1, 1, (n, k))
             if regime == "ill-conditioned":  # second half: an unrelated, well-conditioned p
                 l_p[n // 2 :] = np.linalg.cholesky(_spd(rng, n - n // 2, k, np.full(n - n // 2, 10.0)))
             return (mu_p, l_p, mu_q, l_q)
+        s_q = _spd(rng, n, k, conds)
         a = np.eye(k) + delta * rng.uniform(-1, 1, (n, k, k))
         s_p = a @ s_q @ np.swapaxes(a, -1, -2)
         s_p = 0.5 * (s_p + np.swapaxes(s_p, -1, -2))

@@ -1,8 +1,19 @@
-"""The ``kl-bench`` command."""
+"""The ``kl-bench`` command.
+
+- ``kl-bench run``: this project's kernels and every installed third party on the quick case sets;
+  exit 1 if a stable kernel misses its bound.
+- ``kl-bench accuracy``: an accuracy sweep (quick, closeness, conditioning, dimension, full) written
+  as CSV and parquet, with the headline table printed.
+- ``kl-bench baseline``: rewrite the accuracy baseline (``reports/accuracy-baseline.csv``).
+- ``kl-bench check MODULE:FUNCTION --family F``: judge anyone's implementation; exit 1 if it fails.
+Usage errors exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import backends, sweeps
+from . import backends, baseline, cases, sweeps
 from .backends import FLOAT_DTYPES
 from .kl import FAMILIES, METHODS
 
@@ -26,42 +37,89 @@ def _choices(kind, allowed):
     return parse
 
 
+def _selection(parser, methods=True):
+    parser.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
+    parser.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
+    parser.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES), help="comma-separated (default: all)")
+    if methods:
+        parser.add_argument("--methods", type=_choices("method", METHODS), default=list(METHODS), help="this project's methods, comma-separated")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
         help="every family on every installed backend and dtype against the mpmath references",
-        description="Runs every KL family on every installed backend, device and dtype against "
-        "self-validated mpmath references on the quick case set, prints the worst error in ulps per "
-        "regime, and exits 1 if a stable kernel misses its bound.",
+        description="Runs every KL family on every installed backend, device and dtype (this project's "
+        "kernels and every installed third party) against self-validated mpmath references on the "
+        "quick case set, prints the worst error in ulps per regime, and exits 1 if a stable kernel "
+        "misses its bound.",
     )
-    run.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
-    run.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
-    run.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES), help="comma-separated (default: all)")
-    run.add_argument("--methods", type=_choices("method", METHODS), default=list(METHODS), help="comma-separated")
-    run.add_argument("--seed", type=int, default=0)
+    _selection(run)
     run.add_argument("--csv", type=Path, help="write the tidy per-case-set table here")
     run.add_argument("--markdown", type=Path, help="write the worst-ulps table here as Markdown")
-    run.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    acc = sub.add_parser("accuracy", help="an accuracy sweep -> CSV and parquet",
+                         description="Every subject on every case set of a sweep; writes DIR/accuracy.csv and "
+                         "DIR/accuracy.parquet and prints the worst ulps per subject and regime.")
+    _selection(acc)
+    acc.add_argument("--sweep", choices=cases.SWEEPS, default="quick", help="which case sets (default: quick)")
+    acc.add_argument("--subjects", type=lambda t: [v for v in t.split(",") if v],
+                     help="keep subjects whose name contains one of these, comma-separated (e.g. kl_bench.stable,torch.distributions)")
+    acc.add_argument("--compiled", action="store_true", help="add this project's kernels under jax.jit and torch.compile")
+    acc.add_argument("--out", type=Path, default=Path("reports"), help="directory for accuracy.csv / .parquet (default: reports)")
+    acc.add_argument("--markdown", type=Path, help="also write the headline tables here as Markdown")
+    acc.add_argument("--gradients", action="store_true",
+                     help="also measure autodiff gradients against exact ones (float64; equal, near-equal, collapse) -> DIR/gradients.csv/.parquet")
+
+    base = sub.add_parser("baseline", help="rewrite the accuracy baseline from the quick sweep",
+                          description="Recomputes the quick sweep of this project's stable kernels on every "
+                          "installed backend and rewrites the accuracy baseline that stability/test_baseline.py guards.")
+    base.add_argument("--out", type=Path, default=baseline.DEFAULT_PATH, help="baseline CSV (default: reports/accuracy-baseline.csv)")
+    base.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    chk = sub.add_parser("check", help="judge a KL implementation: kl-bench check MODULE:FUNCTION --family F",
+                         description="Calls MODULE:FUNCTION like kl_bench.kl_<family> on every quick case set and "
+                         "fails (exit 1) on a wrong shape, a negative, NaN or inf result where the exact KL is finite, or "
+                         "an error above max(--max-ulps, 4 x kl-bench's own) ulps (+ cond(S_q) for tril and cov).")
+    chk.add_argument("target", help="MODULE:FUNCTION, e.g. mypkg.losses:kl_term")
+    chk.add_argument("--family", required=True, choices=FAMILIES)
+    chk.add_argument("--dtype", default="float64", choices=FLOAT_DTYPES)
+    chk.add_argument("--backend", default="numpy", choices=list(backends.BACKENDS))
+    chk.add_argument("--max-ulps", type=float, default=64.0)
+    chk.add_argument("--seed", type=int, default=0)
+    chk.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cmd_run(args)
+    return COMMANDS[args.command](args)
+
+
+def _usage_error(message: str) -> int:
+    print(f"kl-bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _backends_or_error(args):
+    names = args.backends or backends.installed()
+    missing = [b for b in names if not backends.get(b).installed()]
+    return names, (f"backend not installed: {', '.join(missing)}" if missing else None)
 
 
 def cmd_run(args) -> int:
-    names = args.backends or backends.installed()
-    missing = [b for b in names if not backends.get(b).installed()]
-    if missing:
-        print(f"kl-bench: error: backend not installed: {', '.join(missing)}", file=sys.stderr)
-        return 2
+    names, problem = _backends_or_error(args)
+    if problem:
+        return _usage_error(problem)
     print(f"kl-bench run: backends {', '.join(names)}", file=sys.stderr)
     start = time.perf_counter()
+    subjects = sweeps.available_subjects(names, tuple(args.methods))
     with np.errstate(all="ignore"):  # half-precision results that truly overflow warn on the cast
-        df = sweeps.accuracy(args.families, names, args.dtypes, tuple(args.methods), args.seed, progress=not args.quiet)
+        df = sweeps.accuracy(args.families, subjects, args.dtypes, "quick", args.seed, progress=not args.quiet)
     table = sweeps.worst_table(df)
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", _fmt):
         print("\nWorst error in ulps of the output dtype (over backends, devices and parameters):")
@@ -72,7 +130,7 @@ def cmd_run(args) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(table))
-    failed = df[(df.method == "stable") & (df.ok != True)]  # noqa: E712 (ok is an object column)
+    failed = df[(df.implementation == "kl_bench") & (df.method == "stable") & (df.ok != True)]  # noqa: E712 (object column)
     print(f"\n{len(df)} subject x case-set rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if len(failed):
         print("\nStable kernels outside their bound:")
@@ -82,12 +140,94 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_accuracy(args) -> int:
+    names, problem = _backends_or_error(args)
+    if problem:
+        return _usage_error(problem)
+    subjects = sweeps.available_subjects(names, tuple(args.methods), args.subjects, args.compiled)
+    if not subjects:
+        return _usage_error("no subject matches --subjects/--backends here")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _usage_error(f"--out {args.out}: {exc.strerror}")
+    print(f"kl-bench accuracy: {args.sweep} sweep, {len(subjects)} subjects", file=sys.stderr)
+    start = time.perf_counter()
+    df = sweeps.accuracy(args.families, subjects, args.dtypes, args.sweep, args.seed, progress=not args.quiet)
+    df.to_csv(args.out / "accuracy.csv", index=False)
+    df.to_parquet(args.out / "accuracy.parquet", index=False)
+    parts = []
+    for dtype in [d for d in FLOAT_DTYPES if d in set(df.dtype)]:
+        table = sweeps.headline(df, dtype)
+        with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", _fmt):
+            print(f"\nWorst error in ulps, {dtype} (over backends, devices and parameters):")
+            print(table.to_string())
+        parts.append(f"### {dtype}\n\n" + markdown(table))
+    if args.gradients:
+        grads = sweeps.gradients(args.families, [s for s in subjects if s.backend != "numpy"], progress=not args.quiet)
+        grads.to_csv(args.out / "gradients.csv", index=False)
+        grads.to_parquet(args.out / "gradients.parquet", index=False)
+        table = sweeps.headline(grads.assign(dtype="float64"))
+        with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", _fmt):
+            print("\nWorst gradient error, normwise ulps, float64 (over backends and parameters):")
+            print(table.to_string())
+        parts.append("### gradients, float64 (normwise ulps)\n\n" + markdown(table))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n".join(parts))
+    raised = df[df.error != ""]
+    if len(raised):
+        print(f"\n{len(raised)} subject x case-set rows raised (see the error column), e.g. "
+              f"{raised.subject.iloc[0]} on {raised.family.iloc[0]}/{raised.dtype.iloc[0]}: {raised.error.iloc[0]}")
+    print(f"\n{len(df)} rows in {time.perf_counter() - start:.1f} s -> {args.out / 'accuracy.csv'}, {args.out / 'accuracy.parquet'}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    subjects = sweeps.available_subjects(methods=("stable",), names=["kl_bench.stable"])
+    df = sweeps.accuracy(None, subjects, None, "quick", progress=not args.quiet)
+    table = baseline.write(df, args.out)
+    print(f"{len(table)} rows ({', '.join(sorted(set(table.subject)))}) -> {args.out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .checker import check
+
+    module_name, _, attribute = args.target.partition(":")
+    if not module_name or not attribute:
+        return _usage_error(f"target must be MODULE:FUNCTION, got {args.target!r}")
+    sys.path.insert(0, os.getcwd())  # as ``python -m`` does: the user's own modules import
+    try:
+        fn = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            fn = getattr(fn, part)
+    except Exception as exc:  # ImportError, AttributeError, or the module's own error
+        return _usage_error(f"cannot load {args.target}: {type(exc).__name__}: {exc}")
+    if not callable(fn):
+        return _usage_error(f"{args.target} is not callable")
+    try:
+        result = check(fn, args.family, args.dtype, args.backend, max_ulps=args.max_ulps, seed=args.seed, progress=not args.quiet)
+    except ValueError as exc:  # the backend or dtype is not available here
+        return _usage_error(str(exc))
+    print(result.report())
+    return 0 if result.passed else 1
+
+
+COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check}
+
+
 def markdown(table: pd.DataFrame) -> str:
-    """A Markdown table of the worst-ulps pivot (no extra dependency)."""
-    headers = [" / ".join(table.index.names)] + [" ".join(map(str, c)) for c in table.columns]
+    """A Markdown table of a pivot (no extra dependency)."""
+
+    def label(value):
+        return " / ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    headers = [" / ".join(map(str, table.index.names))] + [label(c).replace(" / ", " ") for c in table.columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for index, row in table.iterrows():
-        lines.append("| " + " / ".join(map(str, index)) + " | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines.append("| " + label(index) + " | " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def _call(family, values, method, validate):
     arrays, result_dtype = _convert(be, names, values)
     arrays = _broadcast(be, family, names, arrays)
     traced = any(be.is_traced(x) for x in arrays)
-    if traced:  # inside the caller's own jax.jit: trace the kernel into it
+    if traced:  # inside the caller's jax.jit or torch.compile: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     else:
         kl, problems = _compiled(be, family, method, validate)(*arrays)

@@ -60,7 +60,7 @@ def kl_dtype_skip():
     """Call with (subject, dtype) to skip when the backend lacks the dtype."""
 
     def check(subject: Subject, dtype: str):
-        reason = subject.unavailable(dtype)
+        reason = subject.unavailable(dtype=dtype)
         if reason:
             pytest.skip(reason)
 

@@ -1,67 +1,252 @@
-"""What is measured: an implementation of a KL family on a backend and device.
+"""What is measured: one implementation of the KL families on one backend, device and mode.
 
-Every subject takes the same float64 case arrays (already rounded to the dtype under test),
-converts them exactly, runs, and returns the results as float64 NumPy values.
+The registry holds this project's kernels (stable and naive, on every backend and device, as
+called, under the caller's ``jax.jit`` and under ``torch.compile``) and the implementations people
+use today: ``torch.distributions.kl_divergence`` (Normal, Independent Normal, MultivariateNormal by
+scale_tril and by covariance_matrix, LowRankMultivariateNormal for the diagonal families),
+numpyro's ``kl_divergence``, and the textbook formula written in NumPy as users write it.
+
+Every subject is called like ``kl_bench.kl_<family>`` on arrays of its backend, takes the same
+float64 case arrays (already rounded to the dtype under test, so the conversion is exact) and
+returns float64 NumPy results. A subject that cannot run here says why (a skip reason).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backends, kl
+from .kl import FAMILIES
 
 DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class Subject:
+    """This project's kernels: ``method`` stable or naive; ``mode`` "" (as called; JAX compiles
+    and caches the kernel itself), "jax.jit" (inside the caller's jit) or "torch.compile"."""
+
     backend: str
     device: str = "cpu"
     method: str = "stable"
+    mode: str = ""
+
+    implementation = "kl_bench"
+    families = FAMILIES
+    requires = ()  # modules beyond the backend's framework
 
     @property
     def name(self) -> str:
-        return f"kl_bench.{self.method}[{self.backend}-{self.device}]"
+        where = f"{self.backend}-{self.device}" + (f", {self.mode}" if self.mode else "")
+        label = f"{self.implementation}.{self.method}" if self.method else self.implementation
+        return f"{label}[{where}]"
+
+    @property
+    def ours(self) -> bool:
+        return self.implementation == "kl_bench"
 
     @property
     def be(self) -> backends.Backend:
         return backends.get(self.backend)
 
-    def unavailable(self, dtype: str | None = None) -> str | None:
+    def unavailable(self, family: str | None = None, dtype: str | None = None) -> str | None:
         """Why this subject cannot run here (a skip reason), or None."""
         be = self.be
         if not be.installed():
             return f"{self.backend} is not installed"
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} is not installed"
         if self.device not in be.devices():
             return f"no {self.device.upper()} device visible to {self.backend}"
         if dtype is not None and dtype not in be.dtypes():
             return f"{self.backend} has no {dtype}"
+        if family is not None and family not in self.families:
+            return f"{self.name} has no {family} family"
         return None
 
-    def prepare(self):
-        """One-time framework set-up (JAX needs float64 switched on)."""
-        if self.backend == "jax":
-            self.be.enable_x64()
-
     def asarray(self, x: np.ndarray, dtype: str):
-        self.prepare()
+        if self.backend == "jax":
+            self.be.enable_x64()  # JAX computes in float32 unless told otherwise
         device = "cuda" if self.device == "cuda" else None
         if self.backend == "jax" and device:
             device = next(d for d in self.be.jax.devices() if d.platform in ("gpu", "cuda"))
         return self.be.asarray(x, dtype=dtype, device=device)
 
     def function(self, family: str):
-        return getattr(kl, f"kl_{family}")
+        """The callable measured: backend arrays in (as ``kl_bench.kl_<family>``), KLs out."""
+        return _ours(family, self.method, self.mode)
 
-    def run(self, family: str, arrays, dtype: str, **kwargs) -> np.ndarray:
+    def run(self, family: str, arrays, dtype: str) -> np.ndarray:
         args = [self.asarray(a, dtype) for a in arrays]
-        result = self.function(family)(*args, method=self.method, **kwargs)
-        return self.be.to_numpy(result)
+        return self.be.to_numpy(self.function(family)(*args))
+
+    def gradient(self, family: str, arrays, dtype: str) -> list[np.ndarray]:
+        """d (sum of the KLs) / d each argument through the backend's autodiff, as float64."""
+        args = [self.asarray(a, dtype) for a in arrays]
+        return [self.be.to_numpy(g) for g in self.be.grad_of_sum(self.function(family), args)]
 
 
-def ours(methods=("stable", "naive"), backend_names=None) -> list[Subject]:
+@functools.lru_cache(maxsize=None)
+def _ours(family, method, mode):
+    fn = functools.partial(getattr(kl, f"kl_{family}"), method=method)
+    if mode == "jax.jit":
+        import jax
+
+        return jax.jit(fn)
+    if mode == "torch.compile":
+        import torch
+
+        return torch.compile(fn, dynamic=True)
+    return fn
+
+
+@dataclass(frozen=True)
+class TorchDistributions(Subject):
+    """``torch.distributions.kl_divergence``; method "" uses Normal / Independent(Normal) /
+    MultivariateNormal, method "LowRank" uses LowRankMultivariateNormal (diagonal families)."""
+
+    backend: str = "torch"
+    method: str = ""
+
+    implementation = "torch.distributions"
+
+    @property
+    def families(self):
+        return ("diag", "vae") if self.method == "LowRank" else FAMILIES
+
+    def function(self, family):
+        return functools.partial(_torch_distributions, family, self.method == "LowRank")
+
+
+def _pyro_style(family, args, *, Normal, MultivariateNormal, kl_divergence, diagonal, zeros_like):
+    """torch.distributions and numpyro share one API; ``diagonal(loc, logvar)`` builds their
+    diagonal Gaussian."""
+    if family == "vae":
+        loc, logvar = args
+        args, family = (loc, logvar, zeros_like(loc), zeros_like(logvar)), "diag"
+    mu_p, a, mu_q, b = args
+    if family == "normal":
+        return kl_divergence(Normal(mu_p, a), Normal(mu_q, b))
+    if family == "diag":
+        return kl_divergence(diagonal(mu_p, a), diagonal(mu_q, b))
+    kind = "scale_tril" if family == "tril" else "covariance_matrix"
+    return kl_divergence(MultivariateNormal(mu_p, **{kind: a}), MultivariateNormal(mu_q, **{kind: b}))
+
+
+def _torch_distributions(family, low_rank, *args):
+    import torch
+    from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, kl_divergence
+
+    def diagonal(loc, logvar):
+        if low_rank:
+            no_factor = torch.zeros(logvar.shape + (1,), dtype=logvar.dtype, device=logvar.device)
+            return LowRankMultivariateNormal(loc, no_factor, torch.exp(logvar))
+        return Independent(Normal(loc, torch.exp(0.5 * logvar)), 1)
+
+    return _pyro_style(family, args, Normal=Normal, MultivariateNormal=MultivariateNormal, kl_divergence=kl_divergence,
+                       diagonal=diagonal, zeros_like=torch.zeros_like)
+
+
+@dataclass(frozen=True)
+class Numpyro(Subject):
+    """numpyro's ``kl_divergence`` on JAX arrays (Normal, Independent, MultivariateNormal)."""
+
+    backend: str = "jax"
+    method: str = ""
+
+    implementation = "numpyro"
+    requires = ("numpyro",)
+
+    def function(self, family):
+        return functools.partial(_numpyro, family)
+
+
+def _numpyro(family, *args):
+    import jax.numpy as jnp
+    from numpyro.distributions import MultivariateNormal, Normal, kl_divergence
+
+    return _pyro_style(family, args, Normal=Normal, MultivariateNormal=MultivariateNormal, kl_divergence=kl_divergence,
+                       diagonal=lambda loc, logvar: Normal(loc, jnp.exp(0.5 * logvar)).to_event(1), zeros_like=jnp.zeros_like)
+
+
+@dataclass(frozen=True)
+class Textbook(Subject):
+    """The textbook formula in NumPy, as users write it: explicit inverse and determinants."""
+
+    backend: str = "numpy"
+    method: str = ""
+
+    implementation = "textbook"
+
+    def function(self, family):
+        return TEXTBOOK[family]
+
+
+def textbook_normal(mu_p, s_p, mu_q, s_q):
+    return np.log(s_q / s_p) + (s_p**2 + (mu_p - mu_q) ** 2) / (2 * s_q**2) - 0.5
+
+
+def textbook_diag(mu_p, l_p, mu_q, l_q):
+    return 0.5 * np.sum(l_q - l_p + (np.exp(l_p) + (mu_p - mu_q) ** 2) / np.exp(l_q) - 1, axis=-1)
+
+
+def textbook_vae(mu, logvar):
+    return -0.5 * np.sum(1 + logvar - mu**2 - np.exp(logvar), axis=-1)
+
+
+def textbook_cov(mu_p, s_p, mu_q, s_q):
+    k = s_p.shape[-1]
+    inv_q = np.linalg.inv(s_q)
+    d = (mu_q - mu_p)[..., None]
+    quad = (np.swapaxes(d, -1, -2) @ inv_q @ d)[..., 0, 0]
+    return 0.5 * (np.trace(inv_q @ s_p, axis1=-2, axis2=-1) + quad - k + np.log(np.linalg.det(s_q) / np.linalg.det(s_p)))
+
+
+def textbook_tril(mu_p, l_p, mu_q, l_q):
+    l_p, l_q = np.tril(l_p), np.tril(l_q)
+    return textbook_cov(mu_p, l_p @ np.swapaxes(l_p, -1, -2), mu_q, l_q @ np.swapaxes(l_q, -1, -2))
+
+
+TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov}
+
+
+def ours(methods=("stable", "naive"), backend_names=None, modes=("",)) -> list[Subject]:
     """This project's kernels on every known backend and device (available or not)."""
     names = backend_names or list(backends.BACKENDS)
-    return [Subject(b, d, m) for b in names for d in DEVICES for m in methods if not (b == "numpy" and d == "cuda")]
+    out = []
+    for b in names:
+        for d in DEVICES:
+            if b == "numpy" and d == "cuda":
+                continue
+            for mode in modes:
+                if mode and mode.split(".")[0] != b:  # jax.jit is for JAX, torch.compile for Torch
+                    continue
+                out.extend(Subject(b, d, m, mode) for m in methods)
+    return out
+
+
+def third_party() -> list[Subject]:
+    """What people use today, on every device (available or not)."""
+    out: list[Subject] = [Textbook()]
+    for d in DEVICES:
+        out += [TorchDistributions(device=d), TorchDistributions(device=d, method="LowRank"), Numpyro(device=d)]
+    return out
+
+
+def registry(compiled: bool = False) -> list[Subject]:
+    """Every subject known (available or not); ``compiled`` adds this project's kernels under the
+    caller's ``jax.jit`` and under ``torch.compile`` (compiling costs seconds per shape)."""
+    modes = ("", "jax.jit", "torch.compile") if compiled else ("",)
+    return ours(modes=modes) + third_party()
+
+
+def by_name(name: str, subjects=None) -> Subject:
+    for s in subjects or registry(compiled=True):
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown subject {name!r}")

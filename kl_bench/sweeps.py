@@ -1,4 +1,8 @@
-"""Accuracy sweeps: subjects x case sets -> tidy pandas DataFrame (one row per subject and case set)."""
+"""Accuracy sweeps: subjects x case sets -> tidy pandas DataFrame (one row per subject and case set).
+
+Every subject sees the same case arrays and is judged against the same cached mpmath references,
+so a second sweep over the same cases costs only the subjects' own time.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ import numpy as np
 import pandas as pd
 
 from . import backends, bounds, cases, metrics, reference
-from .subjects import Subject, ours
+from .subjects import Subject, registry
 
 COLUMNS = [
-    "family", "subject", "backend", "device", "dtype", "method", "regime", "param", "k", "n_cases",
-    "max_ulps", "median_ulps", "max_rel_err", "bits_lost", "negatives", "nans", "infs", "bound", "ok",
+    "family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "regime", "param",
+    "k", "cond", "n_cases", "max_ulps", "median_ulps", "max_rel_err", "bits_lost", "negatives", "nans", "infs",
+    "bound", "ok", "error",
 ]
 
 
@@ -37,22 +42,31 @@ def errors(subject: Subject, case: cases.CaseSet, exact=None) -> dict[str, np.nd
     return out
 
 
+def _row(subject: Subject, case: cases.CaseSet) -> dict:
+    return {
+        "family": case.family,
+        "subject": subject.name,
+        "implementation": subject.implementation,
+        "backend": subject.backend,
+        "device": subject.device,
+        "dtype": case.dtype,
+        "method": subject.method,
+        "mode": subject.mode,
+        "regime": case.regime,
+        "param": case.param,
+        "k": case.k,
+        "cond": float(np.median(case.cond)) if case.cond is not None else np.nan,
+        "n_cases": case.n,
+        "error": "",
+    }
+
+
 def summarise(subject: Subject, case: cases.CaseSet, err: dict) -> dict:
     u = err["ulps"]
     limit = case_bounds(case)
     promised = ~np.isnan(limit)
     ok = bool(np.all(u[promised] <= limit[promised])) and not err["negative"].any() and not err["nan"].any()
-    return {
-        "family": case.family,
-        "subject": subject.name,
-        "backend": subject.backend,
-        "device": subject.device,
-        "dtype": case.dtype,
-        "method": subject.method,
-        "regime": case.regime,
-        "param": case.param,
-        "k": case.k,
-        "n_cases": case.n,
+    return _row(subject, case) | {
         "max_ulps": float(u.max()),
         "median_ulps": float(np.median(u)),
         "max_rel_err": float(err["rel_err"].max()),
@@ -65,28 +79,99 @@ def summarise(subject: Subject, case: cases.CaseSet, err: dict) -> dict:
     }
 
 
-def accuracy(families=None, backend_names=None, dtypes=None, methods=("stable", "naive"), seed=0, progress=True):
-    """Every available subject on every quick case set; a tidy DataFrame (columns ``COLUMNS``)."""
+def failed(subject: Subject, case: cases.CaseSet, exc: Exception) -> dict:
+    """The row of a subject that raised on a case set: no numbers, the exception kept."""
+    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return _row(subject, case) | {"ok": False if subject.method == "stable" else np.nan, "error": message}
+
+
+def available_subjects(backend_names=None, methods=("stable", "naive"), names=None, compiled=False) -> list[Subject]:
+    """Subjects that can run here: this project's ``methods`` and every third party, on the given
+    backends; ``names`` keeps those whose name contains one of the given strings."""
+    backend_names = backend_names or backends.installed()
+    chosen = []
+    for s in registry(compiled=compiled):
+        if s.backend not in backend_names or s.unavailable() is not None:
+            continue
+        if s.ours and s.method not in methods:
+            continue
+        if names and not any(n in s.name for n in names):
+            continue
+        chosen.append(s)
+    return chosen
+
+
+def accuracy(families=None, subjects=None, dtypes=None, sweep="quick", seed=0, progress=True) -> pd.DataFrame:
+    """Every subject on every case set of ``sweep`` (``cases.SWEEPS``): a tidy DataFrame with the
+    columns ``COLUMNS``. ``subjects`` defaults to everything that can run here."""
     families = families or list(cases.DEFAULT_N)
-    subjects = [s for s in ours(methods, backend_names or backends.installed()) if s.unavailable() is None]
+    subjects = available_subjects() if subjects is None else subjects
     dtypes = dtypes or list(backends.FLOAT_DTYPES)
     rows = []
     for family in families:
         for dtype in dtypes:
-            runnable = [s for s in subjects if s.unavailable(dtype) is None]
+            runnable = [s for s in subjects if s.unavailable(family, dtype) is None]
             if not runnable:
                 continue
-            for case in cases.quick(family, dtype, seed=seed):
+            for case in cases.case_sets(family, dtype, sweep, seed=seed):
                 if progress:
                     print(f"  {case.name}", file=sys.stderr, flush=True)
                 exact = references(case)
                 for subject in runnable:
-                    rows.append(summarise(subject, case, errors(subject, case, exact)))
+                    try:
+                        with np.errstate(all="ignore"):
+                            rows.append(summarise(subject, case, errors(subject, case, exact)))
+                    except Exception as exc:  # a third party that cannot take these inputs
+                        rows.append(failed(subject, case, exc))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def worst_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Worst ulps per (family, regime) and (method, dtype), over backends and parameters."""
+    """Worst ulps per (family, regime) and (method, dtype) of this project's kernels, over
+    backends and parameters."""
+    df = df[df.implementation == "kl_bench"]
     table = df.pivot_table(index=["family", "regime"], columns=["method", "dtype"], values="max_ulps", aggfunc="max")
     order = [c for c in backends.FLOAT_DTYPES if c in table.columns.get_level_values(1)]
     return table.reindex(columns=pd.MultiIndex.from_product([["stable", "naive"], order]))
+
+
+def headline(df: pd.DataFrame, dtype: str = "float64") -> pd.DataFrame:
+    """Worst ulps per (family, regime) (rows) and implementation (columns: the subject's name
+    without its backend, this project's first) in one dtype, over backends, devices and
+    parameters. A subject that raised on every case set of a cell shows NaN."""
+    df = df[df.dtype == dtype].assign(label=lambda d: d.subject.str.split("[", regex=False).str[0])
+    table = df.pivot_table(index=["family", "regime"], columns="label", values="max_ulps", aggfunc="max")
+    order = sorted(table.columns, key=lambda name: (not name.startswith("kl_bench.stable"), not name.startswith("kl_bench"), name))
+    return table[order]
+
+
+GRADIENT_COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "regime",
+                    "param", "k", "n_cases", "max_ulps", "median_ulps", "nonfinite", "error"]
+GRADIENT_REGIMES = ("equal", "near-equal", "collapse")
+
+
+def gradients(families=None, subjects=None, dtype="float64", regimes=GRADIENT_REGIMES, n=8, seed=0, progress=True):
+    """Autodiff gradients of every differentiable subject against exact mpmath gradients, on the
+    first ``n`` cases of each quick case set of ``regimes``: normwise ulps, the worst argument per
+    case (``kl_bench.gradients``); ``nonfinite`` counts cases whose gradient has a NaN or inf."""
+    from . import gradients as grad
+
+    families = families or list(cases.DEFAULT_N)
+    subjects = [s for s in (available_subjects() if subjects is None else subjects) if s.backend != "numpy"]
+    rows = []
+    for family in families:
+        for regime, param in [rp for rp in cases.regimes(family, dtype) if rp[0] in regimes]:
+            case = cases.generate(family, regime, dtype, param, n=n, seed=seed)
+            if progress:
+                print(f"  gradients {case.name}", file=sys.stderr, flush=True)
+            exact = grad.exact_for(case)
+            for subject in [s for s in subjects if s.unavailable(family, dtype) is None]:
+                try:
+                    with np.errstate(all="ignore"):
+                        u, nonfinite = grad.case_ulps(subject, case, exact)
+                except Exception as exc:  # a subject without a gradient for these inputs
+                    rows.append(_row(subject, case) | {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]})
+                    continue
+                rows.append(_row(subject, case) | {"max_ulps": u.max(), "median_ulps": float(np.median(u)),
+                                                   "nonfinite": int(nonfinite.sum())})
+    return pd.DataFrame(rows, columns=GRADIENT_COLUMNS)

@@ -16,7 +16,9 @@ def test_run_prints_the_worst_ulps_table_and_writes_files(tmp_path, capsys):
     assert code == 0
     assert "Worst error in ulps" in out and "near-equal" in out and "within their bounds" in out
     df = pd.read_csv(tmp_path / "acc.csv")
-    assert set(df.family) == {"normal", "vae"} and set(df.method) == {"stable", "naive"}
+    assert set(df.family) == {"normal", "vae"}
+    assert set(df[df.implementation == "kl_bench"].method) == {"stable", "naive"}
+    assert "textbook" in set(df.implementation)  # third parties on the same inputs
     assert {"max_ulps", "median_ulps", "max_rel_err", "bits_lost", "negatives", "nans"} <= set(df.columns)
     assert (tmp_path / "acc.md").read_text().startswith("| family / regime | stable float64 | naive float64 |")
 
@@ -39,3 +41,36 @@ def test_console_script_is_installed():
     from importlib.metadata import entry_points
 
     assert any(e.name == "kl-bench" for e in entry_points(group="console_scripts"))
+
+
+def test_accuracy_writes_csv_and_parquet_and_prints_the_headline(tmp_path, capsys):
+    code = cli.main(["accuracy", "--backends", "numpy", "--families", "vae", "--dtypes", "float64", "--quiet",
+                     "--out", str(tmp_path), "--markdown", str(tmp_path / "headline.md")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "kl_bench.stable" in out and "textbook" in out and "collapse" in out
+    csv, parquet = pd.read_csv(tmp_path / "accuracy.csv"), pd.read_parquet(tmp_path / "accuracy.parquet")
+    assert len(csv) == len(parquet) > 0 and list(csv.columns) == list(parquet.columns)
+    assert (tmp_path / "headline.md").read_text().startswith("### float64")
+
+
+def test_accuracy_subject_filter_and_bad_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["accuracy", "--subjects", "no-such-subject", "--quiet", "--out", str(tmp_path)]) == 2
+    assert cli.main(["accuracy", "--backends", "numpy", "--quiet", "--out", str(blocker / "sub")]) == 2
+
+
+def test_baseline_command_writes_the_stable_rows(tmp_path):
+    path = tmp_path / "accuracy-baseline.csv"
+    assert cli.main(["baseline", "--out", str(path), "--quiet"]) == 0
+    table = pd.read_csv(path)
+    assert table.subject.str.startswith("kl_bench.stable[").all() and len(table) > 50
+
+
+def test_accuracy_with_gradients(tmp_path):
+    pytest.importorskip("torch")
+    assert cli.main(["accuracy", "--backends", "torch", "--families", "vae", "--dtypes", "float64", "--quiet",
+                     "--gradients", "--out", str(tmp_path)]) == 0
+    grads = pd.read_parquet(tmp_path / "gradients.parquet")
+    assert {"kl_bench.stable[torch-cpu]", "torch.distributions[torch-cpu]"} <= set(grads.subject)

@@ -1,0 +1,137 @@
+"""Gradients of the KL with respect to every parameter: exact ones in mpmath, and a subject's
+through its framework's autodiff (torch autograd, jax.grad), compared normwise.
+
+Exact gradients, for d = mu_p - mu_q and symmetric matrix arguments:
+- normal: dmu_p = d / s_q^2, ds_p = s_p / s_q^2 - 1 / s_p, ds_q = 1 / s_q - (s_p^2 + d^2) / s_q^3
+- diag:   dmu_p = d e^(-l_q), dl_p = (e^(l_p - l_q) - 1) / 2, dl_q = -dl_p - d^2 e^(-l_q) / 2
+- vae:    dmu = mu, dl = (e^l - 1) / 2
+- cov:    dS_p = (S_q^-1 - S_p^-1) / 2, dS_q = (S_q^-1 - S_q^-1 (S_p + d d^T) S_q^-1) / 2, dmu_p = S_q^-1 d
+- tril:   dL = tril(2 dS L) for each factor, with dS the covariance gradient above.
+dmu_q = -dmu_p throughout. A covariance matrix is symmetric, so a framework's gradient with respect
+to it is only defined up to its antisymmetric part: it is symmetrised before comparison.
+
+Error of one argument of one case, in ulps of the dtype: max_i |g_i - e_i| / ulp(max_i |e_i|), a
+normwise error (elementwise ulps would blame tiny entries of a gradient whose error is that of its
+large ones). An exact gradient of 0 (p == q) demands exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+
+from . import metrics
+from .reference import _to_mp, is_exactly_zero
+
+PREC = 256  # bits; every value is recomputed at twice this and must agree to AGREE_BITS
+AGREE_BITS = 100
+
+
+def _mat(x):
+    return mpmath.matrix(x)
+
+
+def _exact_normal(mu_p, s_p, mu_q, s_q):
+    d = mu_p - mu_q
+    g = d / s_q**2
+    return [g, s_p / s_q**2 - 1 / s_p, -g, 1 / s_q - (s_p**2 + d**2) / s_q**3]
+
+
+def _exact_diag(mu_p, l_p, mu_q, l_q):
+    out = [[], [], [], []]
+    for a, la, b, lb in zip(mu_p, l_p, mu_q, l_q):
+        d, w = a - b, mpmath.exp(-lb)
+        dl_p = (mpmath.exp(la - lb) - 1) / 2
+        for column, value in zip(out, (d * w, dl_p, -d * w, -dl_p - d * d * w / 2)):
+            column.append(value)
+    return out
+
+
+def _exact_vae(mu, logvar):
+    return [list(mu), [(mpmath.exp(v) - 1) / 2 for v in logvar]]
+
+
+def _covariance_gradients(mu_p, s_p, mu_q, s_q):
+    inv_q, inv_p = mpmath.inverse(s_q), mpmath.inverse(s_p)
+    d = _mat(mu_p) - _mat(mu_q)
+    g_mu = inv_q * d
+    g_p = (inv_q - inv_p) / 2
+    g_q = (inv_q - inv_q * (s_p + d * d.T) * inv_q) / 2
+    return g_mu, g_p, g_q
+
+
+def _exact_cov(mu_p, cov_p, mu_q, cov_q):
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, _mat(cov_p), mu_q, _mat(cov_q))
+    return [g_mu, g_p, -g_mu, g_q]
+
+
+def _exact_tril(mu_p, tril_p, mu_q, tril_q):
+    k = len(mu_p)
+    l_p = _mat([[v if j <= i else 0 for j, v in enumerate(row)] for i, row in enumerate(tril_p)])
+    l_q = _mat([[v if j <= i else 0 for j, v in enumerate(row)] for i, row in enumerate(tril_q)])
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, l_p * l_p.T, mu_q, l_q * l_q.T)
+    lower = [[1 if j <= i else 0 for j in range(k)] for i in range(k)]
+    d_p, d_q = 2 * g_p * l_p, 2 * g_q * l_q
+    tril = [_mat([[d[i, j] * lower[i][j] for j in range(k)] for i in range(k)]) for d in (d_p, d_q)]
+    return [g_mu, tril[0], -g_mu, tril[1]]
+
+
+EXACT = {"normal": _exact_normal, "diag": _exact_diag, "vae": _exact_vae, "tril": _exact_tril, "cov": _exact_cov}
+
+
+def _as_array(value, shape) -> np.ndarray:
+    if isinstance(value, mpmath.matrix):
+        value = value.tolist()
+    return np.array(value, dtype=object).reshape(shape)
+
+
+def exact(family: str, parts) -> list[np.ndarray]:
+    """The exact gradient of KL for one parameter set (float64 arrays): one object array of mpf
+    per argument, shaped like it; computed at PREC and 2 PREC bits, which must agree. At p == q,
+    bit for bit, it is exactly 0 (which the formulas would leave as rounding noise)."""
+    if is_exactly_zero(family, parts):
+        return [np.full(p.shape, mpmath.mpf(0), dtype=object) for p in parts]
+    results = []
+    for prec in (PREC, 2 * PREC):
+        with mpmath.workprec(prec):
+            results.append([_as_array(g, p.shape) for g, p in zip(EXACT[family](*[_to_mp(p) for p in parts]), parts)])
+    for low, high in zip(*results):
+        scale = max((abs(v) for v in high.ravel()), default=0)
+        worst = max((abs(a - b) for a, b in zip(low.ravel(), high.ravel())), default=0)
+        if worst > mpmath.ldexp(scale, -AGREE_BITS):
+            raise ArithmeticError(f"{family} gradient did not settle at {2 * PREC} bits")
+    return results[1]
+
+
+def normwise_ulps(computed: np.ndarray, exact_values: np.ndarray, dtype: str, symmetric: bool = False) -> float:
+    """max |g - e| / ulp(max |e|) for one argument of one case (see the module docstring)."""
+    computed = np.asarray(computed, dtype=np.float64)
+    if symmetric:
+        computed = 0.5 * (computed + computed.T)
+    if not np.all(np.isfinite(computed)):
+        return math.inf
+    scale = max((abs(v) for v in exact_values.ravel()), default=mpmath.mpf(0))
+    worst = max(abs(mpmath.mpf(float(c)) - e) for c, e in zip(computed.ravel(), exact_values.ravel()))
+    if scale == 0:
+        return 0.0 if worst == 0 else math.inf
+    return float(worst / metrics.ulp(scale, dtype))
+
+
+def case_ulps(subject, case, exact_gradients: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per case of a case set: the worst normwise ulps over the arguments of ``subject``'s
+    autodiff gradient, and whether any of its entries is NaN or inf."""
+    computed = subject.gradient(case.family, case.arrays, case.dtype)
+    symmetric = [case.family == "cov" and a.ndim == 3 for a in case.arrays]
+    ulps = np.array([
+        max(normwise_ulps(g[i], e, case.dtype, sym) for g, e, sym in zip(computed, exact_i, symmetric))
+        for i, exact_i in enumerate(exact_gradients)
+    ])
+    nonfinite = np.array([not all(np.all(np.isfinite(g[i])) for g in computed) for i in range(case.n)])
+    return ulps, nonfinite
+
+
+def exact_for(case) -> list:
+    """Exact gradients of every case of a case set."""
+    return [exact(case.family, [a[i] for a in case.arrays]) for i in range(case.n)]

@@ -1,0 +1,97 @@
+"""kl-bench check: a fault corpus it must catch, correct implementations it must pass."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kl_bench
+from kl_bench import check  # the function, kl_bench.checker.check
+from tests import fault_corpus as corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAULTS = [
+    ("cov", corpus.seed_misprint_cov, "float64"),
+    ("vae", corpus.missing_half_vae, "float64"),
+    ("diag", corpus.swapped_diag, "float64"),
+    ("normal", corpus.std_for_variance_normal, "float64"),
+    ("diag", corpus.mean_dropped_diag, "float64"),
+    ("vae", corpus.clamped_vae, "float64"),
+    ("tril", corpus.transposed_solve_tril, "float64"),
+    ("vae", corpus.keepdims_vae, "float64"),
+    ("normal", corpus.textbook_normal, "float64"),
+    ("vae", corpus.textbook_vae, "float32"),
+    ("tril", corpus.textbook_tril, "float64"),
+]
+CORRECT = [(f, getattr(corpus, f"correct_{f}")) for f in kl_bench.FAMILIES] + [
+    (f, getattr(kl_bench, f"kl_{f}")) for f in kl_bench.FAMILIES
+]
+
+
+@pytest.mark.parametrize("family, fn, dtype", FAULTS, ids=[f.__name__ for _, f, _ in FAULTS])
+def test_check_catches_each_fault(family, fn, dtype):
+    result = check(fn, family=family, dtype=dtype)
+    assert not result.passed
+    assert not result.cases.passed.all() and (result.cases.reason != "").any()
+    assert result.worst().passed == False  # noqa: E712 (the worst case shown is a failing one)
+
+
+@pytest.mark.parametrize("family, fn", CORRECT, ids=[f"{f.__module__.split('.')[0]}-{n}" for n, f in CORRECT])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_check_passes_correct_implementations(family, fn, dtype):
+    result = check(fn, family=family, dtype=dtype)
+    assert result.passed, result.report()
+
+
+def test_the_textbook_formula_passes_away_from_equality_and_fails_near_it():
+    table = check(corpus.textbook_vae, family="vae").table().set_index(["regime", "param"])
+    assert table.loc[("generic", np.nan), "failures"].item() == 0
+    assert table.loc[("collapse", 1e-12), "failures"].item() == 64
+
+
+def test_wrong_shape_is_named():
+    result = check(corpus.keepdims_vae, family="vae")
+    assert result.cases.reason.str.contains(r"returned shape \(64, 1\)").any()
+
+
+def test_check_on_torch_arrays():
+    pytest.importorskip("torch")
+    assert check(kl_bench.kl_vae, family="vae", dtype="float32", backend="torch").passed
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "kl_bench.cli", "check", *args, "--quiet"], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_exit_codes_and_report():
+    passed = _cli("tests.fault_corpus:correct_vae", "--family", "vae")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.startswith("PASS")
+    failed = _cli("tests.fault_corpus:seed_misprint_cov", "--family", "cov")
+    assert failed.returncode == 1
+    lines = failed.stdout.splitlines()
+    assert lines[0].startswith("FAIL") and "regime" in lines[2]
+    assert "Worst case: cov/" in failed.stdout and "arg3 = np.array([[[" in failed.stdout  # reproducible inputs
+
+
+@pytest.mark.parametrize("args", [
+    ("no_such_module_xyz:f", "--family", "vae"),
+    ("tests.fault_corpus:no_such_function", "--family", "vae"),
+    ("tests.fault_corpus", "--family", "vae"),
+    ("tests.fault_corpus:correct_vae", "--family", "gamma"),
+    ("tests.fault_corpus:correct_vae", "--family", "vae", "--dtype", "bfloat16"),  # NumPy has none
+])
+def test_cli_usage_errors_exit_2(args):
+    result = _cli(*args)
+    assert result.returncode == 2 and "error" in result.stderr, result.stderr
+
+
+def test_check_imports_only_the_named_module():
+    code = ("import sys; from kl_bench import cli; rc = cli.main(['check', 'tests.fault_corpus:correct_vae', "
+            "'--family', 'vae', '--quiet']); assert rc == 0; print(sorted(m for m in ('torch', 'jax', 'numpyro') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("[]")

@@ -1,0 +1,98 @@
+"""Subjects and accuracy sweeps: everyone on identical inputs, one tidy DataFrame."""
+
+import mpmath
+import numpy as np
+import pandas as pd
+import pytest
+
+from kl_bench import cases, reference, subjects, sweeps
+from kl_bench.kl import FAMILIES
+
+
+def test_registry_names_are_unique_and_declare_families():
+    everything = subjects.registry(compiled=True)
+    names = [s.name for s in everything]
+    assert len(names) == len(set(names))
+    assert {s.implementation for s in everything} == {"kl_bench", "torch.distributions", "numpyro", "textbook"}
+    low_rank = subjects.TorchDistributions(method="LowRank")
+    assert low_rank.families == ("diag", "vae") and "no tril family" in low_rank.unavailable("tril")
+    assert subjects.by_name("textbook[numpy-cpu]") == subjects.Textbook()
+
+
+def test_every_available_subject_agrees_on_a_generic_case():
+    case = cases.generate("diag", "generic", "float64", n=4)
+    exact = np.array([float(v) for v in sweeps.references(case)])
+    for s in sweeps.available_subjects(compiled=False):
+        np.testing.assert_allclose(s.run("diag", case.arrays, "float64"), exact, rtol=1e-12, err_msg=s.name)
+
+
+def test_absent_packages_skip_with_a_reason(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpyro" else real(name, *a))
+    assert subjects.Numpyro().unavailable() == "numpyro is not installed"
+    assert subjects.Numpyro() not in sweeps.available_subjects()
+
+
+def test_accuracy_sweep_columns_and_third_parties():
+    df = sweeps.accuracy(["vae"], None, ["float64"], progress=False)
+    required = ["family", "subject", "backend", "device", "dtype", "method", "regime", "param", "k", "n_cases",
+                "max_ulps", "median_ulps", "max_rel_err", "bits_lost", "negatives", "nans"]
+    assert set(required) <= set(df.columns)
+    assert "textbook[numpy-cpu]" in set(df.subject)
+    textbook = df[(df.subject == "textbook[numpy-cpu]") & (df.regime == "collapse")]
+    assert textbook.max_ulps.max() > 1e6 and textbook.negatives.sum() > 0  # the textbook cancels
+    assert df[df.method == "stable"].ok.all()
+
+
+def test_a_subject_that_raises_gives_a_row_with_the_error():
+    class Broken(subjects.Textbook):
+        def function(self, family):
+            def fail(*args):
+                raise RuntimeError("no half precision here")
+
+            return fail
+
+    df = sweeps.accuracy(["normal"], [Broken()], ["float64"], progress=False)
+    assert (df.error == "RuntimeError: no half precision here").all() and df.max_ulps.isna().all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweeps_are_named_and_reproducible(family):
+    full = cases.sweep_specs(family, "float64", "full")
+    for part in ("quick", "closeness", "conditioning", "dimension"):
+        assert set(cases.sweep_specs(family, "float64", part)) <= set(full)
+    closeness = [p for r, p, _ in cases.sweep_specs(family, "float64", "closeness")]
+    assert min(closeness) == 1e-12 and max(closeness) == 1e-1
+    if family in ("tril", "cov"):
+        conds = [p for _, p, _ in cases.sweep_specs(family, "float64", "conditioning")]
+        assert conds[0] == 1 and conds[-1] == (1e16 if family == "tril" else 1e12)
+        assert max(k for _, _, k in cases.sweep_specs(family, "float64", "dimension")) == 1000
+    elif family != "normal":
+        assert max(k for _, _, k in cases.sweep_specs(family, "float64", "dimension")) == 1_000_000
+    with pytest.raises(ValueError, match="unknown sweep"):
+        cases.sweep_specs(family, "float64", "everything")
+
+
+def test_conditioning_sweep_reaches_its_condition_numbers():
+    for family, cond in (("tril", 1e16), ("cov", 1e12)):
+        case = cases.generate(family, "ill-conditioned", "float64", cond, n=4)
+        assert np.all(case.cond > cond / 10) and np.all(case.cond < cond * 10)
+
+
+def test_high_dim_full_covariance_references_are_sums_of_blocks():
+    case = cases.generate("cov", "high-dim", "float64", k=10, n=2)
+    assert len(reference.coupled_blocks("cov", [a[0] for a in case.arrays])) == 3  # 4 + 4 + 2, shuffled
+    blocks = reference.evaluate("cov", *case.arrays, cache=False)
+    with mpmath.workprec(256):  # the textbook formula on the whole matrix, no decomposition
+        direct = [reference.mp_cov(*[reference._to_mp(a[i]) for a in case.arrays]) for i in range(2)]
+    for b, d in zip(blocks, direct):
+        assert abs(b - d) <= abs(d) * mpmath.mpf(2) ** -90
+
+
+def test_headline_puts_this_project_first():
+    df = pd.DataFrame({"family": ["vae"] * 3, "regime": ["generic"] * 3, "dtype": ["float64"] * 3,
+                       "subject": ["textbook[numpy-cpu]", "kl_bench.stable[numpy-cpu]", "kl_bench.naive[torch-cpu]"],
+                       "max_ulps": [3.0, 1.0, 2.0]})
+    assert list(sweeps.headline(df).columns) == ["kl_bench.stable", "kl_bench.naive", "textbook"]
