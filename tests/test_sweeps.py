@@ -96,3 +96,12 @@ def test_headline_puts_this_project_first():
                        "subject": ["textbook[numpy-cpu]", "kl_bench.stable[numpy-cpu]", "kl_bench.naive[torch-cpu]"],
                        "max_ulps": [3.0, 1.0, 2.0]})
     assert list(sweeps.headline(df).columns) == ["kl_bench.stable", "kl_bench.naive", "textbook"]
+
+
+@pytest.mark.parametrize("mode", ["jax.jit", "torch.compile"])
+def test_compiled_modes_meet_the_bounds(mode):
+    subject = subjects.Subject(mode.split(".")[0], mode=mode)
+    if subject.unavailable():
+        pytest.skip(subject.unavailable())
+    df = sweeps.accuracy(["vae"], [subject], ["float32"], progress=False)
+    assert df.ok.all() and (df.error == "").all() and len(df) > 3
