@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,8 @@ class Subject:
             return f"no {self.device.upper()} device visible to {self.backend}"
         if dtype is not None and dtype not in be.dtypes():
             return f"{self.backend} has no {dtype}"
+        if self.mode == "torch.compile" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            return "torch.compile on CPU needs a C++ compiler"
         if family is not None and family not in self.families:
             return f"{self.name} has no {family} family"
         return None
