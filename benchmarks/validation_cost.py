@@ -6,7 +6,6 @@ Prints a Markdown table (median of repeated calls, in microseconds, and the rati
 the framework's own dispatch; JAX calls are compiled once before timing and blocked on.
 """
 
-import numpy as np
 
 import kl_bench
 from kl_bench import backends, cases

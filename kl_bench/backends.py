@@ -96,6 +96,8 @@ class Backend:
         """True while a compiler is tracing ``x`` (no concrete values to validate)."""
         return False
 
+    differentiable = False  # has grad_of_sum
+
     def grad_of_sum(self, fn, args) -> list:
         """d sum(fn(*args)) / d each argument, through the framework's autodiff."""
         raise NotImplementedError(f"{self.name} has no autodiff")
@@ -207,6 +209,8 @@ class TorchBackend(Backend):
     def solve_triangular(self, a, b):
         return self.torch.linalg.solve_triangular(a, b, upper=False)
 
+    differentiable = True
+
     def grad_of_sum(self, fn, args):
         args = [a.detach().clone().requires_grad_(True) for a in args]
         fn(*args).sum().backward()
@@ -279,6 +283,8 @@ class JaxBackend(Backend):
 
     def is_traced(self, x):
         return isinstance(x, self.jax.core.Tracer)
+
+    differentiable = True
 
     def grad_of_sum(self, fn, args):
         return list(self.jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(args))))(*args))

@@ -215,24 +215,33 @@ def _diag_like(rng, regime, param, dtype, n, k, family):
     return (mu_p, l_p, mu_q, l_q)
 
 
+def _orthogonal(rng, n, k):
+    return np.linalg.qr(rng.normal(size=(n, k, k)))[0]
+
+
+def _spectrum(conds, k):
+    """Eigenvalues from 1 down to 1/cond, log-spaced, one row per condition number."""
+    return np.array([np.logspace(0, -np.log10(c), k) for c in conds])
+
+
 def random_spd(rng, eigenvalues):
     """Q diag(eigenvalues) Q^T with a random orthogonal Q, one matrix per row of ``eigenvalues``."""
     n, k = eigenvalues.shape
-    q, _ = np.linalg.qr(rng.normal(size=(n, k, k)))
+    q = _orthogonal(rng, n, k)
     s = q @ (eigenvalues[..., None] * np.swapaxes(q, -1, -2))
     return 0.5 * (s + np.swapaxes(s, -1, -2))
 
 
 def _spd(rng, n, k, conds):
     """Random SPD matrices with the given condition numbers."""
-    return random_spd(rng, np.array([np.logspace(0, -np.log10(c), k) for c in conds]))
+    return random_spd(rng, _spectrum(conds, k))
 
 
 def _factor(rng, conds, k):
     """Lower Cholesky factors of random SPD matrices with the given condition numbers, from a QR
     factorisation (accurate where forming the matrix and factoring it would fail)."""
-    q, _ = np.linalg.qr(rng.normal(size=(len(conds), k, k)))
-    scaled = np.sqrt(np.array([np.logspace(0, -np.log10(c), k) for c in conds]))[..., None] * np.swapaxes(q, -1, -2)
+    q = _orthogonal(rng, len(conds), k)
+    scaled = np.sqrt(_spectrum(conds, k))[..., None] * np.swapaxes(q, -1, -2)
     r = np.linalg.qr(scaled)[1]  # S = scaled^T scaled = r^T r
     r = r * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None]
     return np.swapaxes(r, -1, -2)

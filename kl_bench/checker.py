@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import cases, metrics
 from .subjects import Subject
-from .sweeps import references
+from .sweeps import describe, errors, references
 
 DEFAULT_MAX_ULPS = 64.0
 OURS_FACTOR = 4.0
@@ -103,8 +103,7 @@ def check(fn, family: str, dtype: str = "float64", backend: str = "numpy", *, ma
         exact = references(case)
         inputs[case.name] = case.arrays
         theirs, problem = _call(subject, case)
-        with np.errstate(all="ignore"):
-            ours_ulps = metrics.case_errors(ours.run(family, case.arrays, dtype), exact, dtype)["ulps"]
+        ours_ulps = errors(ours, case, exact)["ulps"]
         err = metrics.case_errors(theirs, exact, dtype)
         conds = case.cond if case.cond is not None else np.zeros(case.n)
         allowed = np.maximum(max_ulps, OURS_FACTOR * ours_ulps) + conds
@@ -124,10 +123,9 @@ def _call(subject: UserFunction, case: cases.CaseSet):
     nan = np.full(case.n, np.nan)
     try:
         with np.errstate(all="ignore"):
-            result = subject.function(case.family)(*(subject.asarray(a, case.dtype) for a in case.arrays))
-        values = subject.be.to_numpy(result)
+            values = subject.run(case.family, case.arrays, case.dtype)
     except Exception as exc:
-        return nan, f"raised {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return nan, f"raised {describe(exc)}"
     if values.shape != (case.n,):
         return nan, f"returned shape {values.shape} for a batch of {case.n} (expected ({case.n},))"
     return values, ""

@@ -23,14 +23,10 @@ import mpmath
 import numpy as np
 
 from . import metrics
-from .reference import _to_mp, is_exactly_zero
+from .reference import _lower, _to_mp, is_exactly_zero
 
 PREC = 256  # bits; every value is recomputed at twice this and must agree to AGREE_BITS
 AGREE_BITS = 100
-
-
-def _mat(x):
-    return mpmath.matrix(x)
 
 
 def _exact_normal(mu_p, s_p, mu_q, s_q):
@@ -55,7 +51,7 @@ def _exact_vae(mu, logvar):
 
 def _covariance_gradients(mu_p, s_p, mu_q, s_q):
     inv_q, inv_p = mpmath.inverse(s_q), mpmath.inverse(s_p)
-    d = _mat(mu_p) - _mat(mu_q)
+    d = mpmath.matrix(mu_p) - mpmath.matrix(mu_q)
     g_mu = inv_q * d
     g_p = (inv_q - inv_p) / 2
     g_q = (inv_q - inv_q * (s_p + d * d.T) * inv_q) / 2
@@ -63,19 +59,14 @@ def _covariance_gradients(mu_p, s_p, mu_q, s_q):
 
 
 def _exact_cov(mu_p, cov_p, mu_q, cov_q):
-    g_mu, g_p, g_q = _covariance_gradients(mu_p, _mat(cov_p), mu_q, _mat(cov_q))
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, mpmath.matrix(cov_p), mu_q, mpmath.matrix(cov_q))
     return [g_mu, g_p, -g_mu, g_q]
 
 
 def _exact_tril(mu_p, tril_p, mu_q, tril_q):
-    k = len(mu_p)
-    l_p = _mat([[v if j <= i else 0 for j, v in enumerate(row)] for i, row in enumerate(tril_p)])
-    l_q = _mat([[v if j <= i else 0 for j, v in enumerate(row)] for i, row in enumerate(tril_q)])
+    l_p, l_q = mpmath.matrix(_lower(tril_p)), mpmath.matrix(_lower(tril_q))
     g_mu, g_p, g_q = _covariance_gradients(mu_p, l_p * l_p.T, mu_q, l_q * l_q.T)
-    lower = [[1 if j <= i else 0 for j in range(k)] for i in range(k)]
-    d_p, d_q = 2 * g_p * l_p, 2 * g_q * l_q
-    tril = [_mat([[d[i, j] * lower[i][j] for j in range(k)] for i in range(k)]) for d in (d_p, d_q)]
-    return [g_mu, tril[0], -g_mu, tril[1]]
+    return [g_mu, _lower((2 * g_p * l_p).tolist()), -g_mu, _lower((2 * g_q * l_q).tolist())]
 
 
 EXACT = {"normal": _exact_normal, "diag": _exact_diag, "vae": _exact_vae, "tril": _exact_tril, "cov": _exact_cov}

@@ -98,9 +98,7 @@ class Subject:
 def _ours(family, method, mode):
     fn = functools.partial(getattr(kl, f"kl_{family}"), method=method)
     if mode == "jax.jit":
-        import jax
-
-        return jax.jit(fn)
+        return backends.get("jax").compile(fn)
     if mode == "torch.compile":
         import torch
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import backends, bounds, cases, metrics, reference
+from . import gradients as exact_gradients
 from .subjects import Subject, registry
 
 COLUMNS = [
@@ -36,7 +37,8 @@ def case_bounds(case: cases.CaseSet) -> np.ndarray:
 def errors(subject: Subject, case: cases.CaseSet, exact=None) -> dict[str, np.ndarray]:
     """Per-case errors of one subject on one case set, plus the computed values."""
     exact = references(case) if exact is None else exact
-    computed = subject.run(case.family, case.arrays, case.dtype).reshape(case.n)
+    with np.errstate(all="ignore"):  # overflow to inf is judged by the metrics, not warned about
+        computed = subject.run(case.family, case.arrays, case.dtype).reshape(case.n)
     out = metrics.case_errors(computed, exact, case.dtype)
     out["computed"] = computed
     return out
@@ -79,10 +81,14 @@ def summarise(subject: Subject, case: cases.CaseSet, err: dict) -> dict:
     }
 
 
+def describe(exc: Exception) -> str:
+    """One line naming an exception a subject raised."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
 def failed(subject: Subject, case: cases.CaseSet, exc: Exception) -> dict:
     """The row of a subject that raised on a case set: no numbers, the exception kept."""
-    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-    return _row(subject, case) | {"ok": False if subject.method == "stable" else np.nan, "error": message}
+    return _row(subject, case) | {"ok": False if subject.method == "stable" else np.nan, "error": describe(exc)}
 
 
 def available_subjects(backend_names=None, methods=("stable", "naive"), names=None, compiled=False) -> list[Subject]:
@@ -119,8 +125,7 @@ def accuracy(families=None, subjects=None, dtypes=None, sweep="quick", seed=0, p
                 exact = references(case)
                 for subject in runnable:
                     try:
-                        with np.errstate(all="ignore"):
-                            rows.append(summarise(subject, case, errors(subject, case, exact)))
+                        rows.append(summarise(subject, case, errors(subject, case, exact)))
                     except Exception as exc:  # a third party that cannot take these inputs
                         rows.append(failed(subject, case, exc))
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -154,23 +159,21 @@ def gradients(families=None, subjects=None, dtype="float64", regimes=GRADIENT_RE
     """Autodiff gradients of every differentiable subject against exact mpmath gradients, on the
     first ``n`` cases of each quick case set of ``regimes``: normwise ulps, the worst argument per
     case (``kl_bench.gradients``); ``nonfinite`` counts cases whose gradient has a NaN or inf."""
-    from . import gradients as grad
-
     families = families or list(cases.DEFAULT_N)
-    subjects = [s for s in (available_subjects() if subjects is None else subjects) if s.backend != "numpy"]
+    subjects = [s for s in (available_subjects() if subjects is None else subjects) if s.be.differentiable]
     rows = []
     for family in families:
         for regime, param in [rp for rp in cases.regimes(family, dtype) if rp[0] in regimes]:
             case = cases.generate(family, regime, dtype, param, n=n, seed=seed)
             if progress:
                 print(f"  gradients {case.name}", file=sys.stderr, flush=True)
-            exact = grad.exact_for(case)
+            exact = exact_gradients.exact_for(case)
             for subject in [s for s in subjects if s.unavailable(family, dtype) is None]:
                 try:
                     with np.errstate(all="ignore"):
-                        u, nonfinite = grad.case_ulps(subject, case, exact)
+                        u, nonfinite = exact_gradients.case_ulps(subject, case, exact)
                 except Exception as exc:  # a subject without a gradient for these inputs
-                    rows.append(_row(subject, case) | {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]})
+                    rows.append(_row(subject, case) | {"error": describe(exc)})
                     continue
                 rows.append(_row(subject, case) | {"max_ulps": u.max(), "median_ulps": float(np.median(u)),
                                                    "nonfinite": int(nonfinite.sum())})
