@@ -128,7 +128,8 @@ def _half_scaled_square(be, dmu, logvar):
     direct = (0.5 * dmu) * dmu * xp.exp(-logvar)
     scaled = dmu * xp.exp(-0.5 * logvar)
     ok = (direct <= finfo.max) & (direct >= finfo.smallest_normal)
-    return xp.where(ok, direct, (0.5 * scaled) * scaled)
+    # dmu = 0 contributes 0 even where e^-logvar overflows (0 * inf would be NaN).
+    return xp.where(dmu == 0.0, 0.0, xp.where(ok, direct, (0.5 * scaled) * scaled))
 
 
 def _nan_where(be, bad, kl):
@@ -169,7 +170,7 @@ def kl_diag(be, loc_p, logvar_p, loc_q, logvar_q, *, method, check):
     err = xp.where(xp.isfinite(err), err, 0.0)  # no error to correct where x is infinite
     half_phi_x = half_phi(be, x)
     half_expm1 = xp.minimum(half_phi_x + 0.5 * x, xp.finfo(x.dtype).max)
-    correction = xp.where(err == 0.0, 0.0, err * half_expm1)
+    correction = xp.where((err == 0.0) | xp.isinf(half_phi_x), 0.0, err * half_expm1)
     terms = half_phi_x + correction + _half_scaled_square(be, loc_p - loc_q, logvar_q)
     return xp.sum(terms, axis=-1), {}
 

@@ -2,7 +2,8 @@
 
 Each call finds the framework of its array arguments, checks their shapes, devices and dtypes,
 converts Python scalars and lists, broadcasts, computes half precision in float32, runs the kernel
-(compiled and cached on JAX) and raises ``ValueError`` for invalid values unless
+(compiled and cached on JAX; fused by numba for float32 NumPy arrays and Torch CPU tensors that
+need no gradient, where numba is installed: ``kl_bench.fused``) and raises ``ValueError`` for invalid values unless
 ``validate=False``.
 """
 
@@ -12,7 +13,7 @@ import functools
 
 import numpy as np
 
-from . import backends, kernels
+from . import backends, fused, kernels
 from .backends import HALF_DTYPES
 
 METHODS = ("stable", "naive")
@@ -64,6 +65,8 @@ def _call(family, values, method, validate):
     traced = any(be.is_traced(x) for x in arrays)
     if traced:  # inside the caller's jax.jit or torch.compile: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
+    elif method == "stable" and fused.applies(be, family, arrays):
+        kl, problems = fused.kl(be, family, arrays), {}  # these families have no invalid values
     else:
         kl, problems = _compiled(be, family, method, validate)(*arrays)
     if validate and not traced:

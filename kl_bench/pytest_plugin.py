@@ -3,9 +3,9 @@
 
 - ``--kl-backend NAME`` (repeatable, or comma-separated): run only these backends.
 - ``--kl-device cpu|cuda`` (repeatable): run only these devices.
-- fixture ``kl_subject``: parametrised over every backend x device x method of this project;
-  absent frameworks and devices skip with the reason.
-- fixture ``kl_target``: the same over backend x device, with ``method="stable"``.
+- fixture ``kl_subject``: parametrised over every backend x device x mode x method of this
+  project (mode "numba": the fused CPU kernels); absent frameworks and devices skip with the reason.
+- fixture ``kl_target``: the same with ``method="stable"``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def _params(config, methods):
             continue
         reason = subject.unavailable()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        ident = f"{subject.backend}-{subject.device}" + ("" if len(methods) == 1 else f"-{subject.method}")
+        ident = "-".join([subject.backend, subject.device] + [subject.mode] * bool(subject.mode)
+                         + [subject.method] * (len(methods) > 1))
         params.append(pytest.param(subject, id=ident, marks=marks))
     return params
 
@@ -57,10 +58,10 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def kl_dtype_skip():
-    """Call with (subject, dtype) to skip when the backend lacks the dtype."""
+    """Call with (subject, dtype[, family]) to skip when the subject lacks the dtype or family."""
 
-    def check(subject: Subject, dtype: str):
-        reason = subject.unavailable(dtype=dtype)
+    def check(subject: Subject, dtype: str, family: str | None = None):
+        reason = subject.unavailable(family=family, dtype=dtype)
         if reason:
             pytest.skip(reason)
 

@@ -20,16 +20,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backends, kl
+from . import backends, fused, kl
 from .kl import FAMILIES
 
 DEVICES = ("cpu", "cuda")
+# How this project's kernels run, and the backends each way applies to.
+MODES = {
+    "": ("numpy", "torch", "jax"),  # as called, op by op (JAX compiles and caches the kernel itself)
+    "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.fused
+    "jax.jit": ("jax",),  # inside the caller's jit
+    "torch.compile": ("torch",),
+}
 
 
 @dataclass(frozen=True)
 class Subject:
-    """This project's kernels: ``method`` stable or naive; ``mode`` "" (as called; JAX compiles
-    and caches the kernel itself), "jax.jit" (inside the caller's jit) or "torch.compile"."""
+    """This project's kernels: ``method`` stable or naive; ``mode`` one of ``MODES``. A plain call
+    of ``kl_bench.kl_*`` takes the "numba" way where it applies and numba is installed."""
 
     backend: str
     device: str = "cpu"
@@ -68,6 +75,15 @@ class Subject:
             return f"{self.backend} has no {dtype}"
         if self.mode == "torch.compile" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return "torch.compile on CPU needs a C++ compiler"
+        if self.mode == "numba":
+            if not fused.AVAILABLE:
+                return "numba is not installed"
+            if self.device != "cpu" or self.method != "stable":
+                return "numba fuses the stable kernels on the CPU only"
+            if family is not None and family not in fused.FAMILIES:
+                return f"numba fuses only the {' and '.join(fused.FAMILIES)} families"
+            if dtype == "float64":
+                return "numba fuses float32 and half precision (float64 takes the array path)"
         if family is not None and family not in self.families:
             return f"{self.name} has no {family} family"
         return None
@@ -97,6 +113,8 @@ class Subject:
 @functools.lru_cache(maxsize=None)
 def _ours(family, method, mode):
     fn = functools.partial(getattr(kl, f"kl_{family}"), method=method)
+    if mode in ("", "numba"):
+        return _with_fused(fn, mode == "numba")
     if mode == "jax.jit":
         return backends.get("jax").compile(fn)
     if mode == "torch.compile":
@@ -104,6 +122,15 @@ def _ours(family, method, mode):
 
         return torch.compile(fn, dynamic=True)
     return fn
+
+
+def _with_fused(fn, enabled):
+    @functools.wraps(fn)
+    def call(*args):
+        with fused.use(enabled):
+            return fn(*args)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -216,7 +243,7 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
 TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov}
 
 
-def ours(methods=("stable", "naive"), backend_names=None, modes=("",)) -> list[Subject]:
+def ours(methods=("stable", "naive"), backend_names=None, modes=("", "numba")) -> list[Subject]:
     """This project's kernels on every known backend and device (available or not)."""
     names = backend_names or list(backends.BACKENDS)
     out = []
@@ -225,9 +252,9 @@ def ours(methods=("stable", "naive"), backend_names=None, modes=("",)) -> list[S
             if b == "numpy" and d == "cuda":
                 continue
             for mode in modes:
-                if mode and mode.split(".")[0] != b:  # jax.jit is for JAX, torch.compile for Torch
+                if b not in MODES[mode] or (mode == "numba" and d != "cpu"):
                     continue
-                out.extend(Subject(b, d, m, mode) for m in methods)
+                out.extend(Subject(b, d, m, mode) for m in methods if not (mode == "numba" and m != "stable"))
     return out
 
 
@@ -242,7 +269,7 @@ def third_party() -> list[Subject]:
 def registry(compiled: bool = False) -> list[Subject]:
     """Every subject known (available or not); ``compiled`` adds this project's kernels under the
     caller's ``jax.jit`` and under ``torch.compile`` (compiling costs seconds per shape)."""
-    modes = ("", "jax.jit", "torch.compile") if compiled else ("",)
+    modes = tuple(MODES) if compiled else ("", "numba")
     return ours(modes=modes) + third_party()
 
 

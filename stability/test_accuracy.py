@@ -28,7 +28,7 @@ def _describe(case, err, i):
 
 @pytest.mark.parametrize("family,dtype,regime,param", CASES)
 def test_stable_kernel_within_bound(kl_target, kl_dtype_skip, family, dtype, regime, param):
-    kl_dtype_skip(kl_target, dtype)
+    kl_dtype_skip(kl_target, dtype, family)
     case = case_set(family, regime, dtype, param)
     err = sweeps.errors(kl_target, case)
     limit = sweeps.case_bounds(case)
