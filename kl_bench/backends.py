@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -295,6 +296,19 @@ class JaxBackend(Backend):
     def sync(self, x=None):
         if x is not None:
             self.jax.block_until_ready(x)
+
+
+# XLA's concurrency-optimised CPU scheduler intermittently hangs programs that hold both an inverse
+# and a Cholesky factorisation at k >= 256 (jax 0.10.2: the naive and stable kl_cov). This
+# project's own processes (kl-bench, pytest) turn it off before JAX is imported; a library call
+# leaves the user's XLA flags alone.
+XLA_CPU_WORKAROUND = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def avoid_xla_cpu_hang():
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and "concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_WORKAROUND}".strip()
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (NumpyBackend(), TorchBackend(), JaxBackend())}

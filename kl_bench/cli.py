@@ -6,6 +6,8 @@
   as CSV and parquet, with the headline table printed.
 - ``kl-bench baseline``: rewrite the accuracy baseline (``reports/accuracy-baseline.csv``).
 - ``kl-bench check MODULE:FUNCTION --family F``: judge anyone's implementation; exit 1 if it fails.
+- ``kl-bench timing``: seconds per call, GB/s and fraction of the measured ceiling of every subject
+  from tiny to memory-bound shapes, written as CSV and parquet, with the speed table printed.
 Usage errors exit 2.
 """
 
@@ -91,11 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-ulps", type=float, default=64.0)
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--quiet", action="store_true", help="no progress lines")
+    tim = sub.add_parser("timing", help="a timing sweep -> CSV and parquet",
+                         description="Times every subject (this project's stable and naive kernels in every mode, "
+                         "torch.distributions, numpyro, the textbook in NumPy) on the shapes of a sweep; writes "
+                         "DIR/timing.csv and DIR/timing.parquet and prints, per shape and backend, the stable kernel's "
+                         "time, stable / textbook, torch.distributions / stable and the fraction of the measured ceiling.")
+    tim.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
+    tim.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
+    tim.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES),
+                     help="comma-separated (default: float32 for normal, diag, vae; float64 for tril, cov)")
+    tim.add_argument("--sweep", choices=tuple(sweeps.TIMING_SHAPES), default="quick", help="which shapes (default: quick)")
+    tim.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least (default: 5)")
+    tim.add_argument("--out", type=Path, default=Path("reports"), help="directory for timing.csv / .parquet (default: reports)")
+    tim.add_argument("--markdown", type=Path, help="also write the speed table here as Markdown")
+    tim.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    backends.avoid_xla_cpu_hang()
     return COMMANDS[args.command](args)
 
 
@@ -207,13 +224,35 @@ def cmd_check(args) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_timing(args) -> int:
+    if args.repeats < 1:
+        return _usage_error(f"--repeats must be at least 1, got {args.repeats}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    subjects = sweeps.timing_subjects(args.backends)
+    print(f"kl-bench timing: {args.sweep} shapes, {len(subjects)} subjects", file=sys.stderr)
+    start = time.perf_counter()
+    df = sweeps.timing(args.families, subjects, args.dtypes, args.sweep, args.repeats, progress=not args.quiet)
+    df.to_csv(args.out / "timing.csv", index=False)
+    df.to_parquet(args.out / "timing.parquet", index=False)
+    table = sweeps.speed_table(df)
+    title = ("Stable kernel per shape and backend: ms per call, stable / textbook (same backend and mode), "
+             "torch.distributions / stable (same device), GB/s of inputs, fraction of the measured ceiling:")
+    _print_table(title, table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(table))
+    print(f"\n{len(df)} rows in {time.perf_counter() - start:.1f} s -> {args.out / 'timing.csv'}, {args.out / 'timing.parquet'}",
+          file=sys.stderr)
+    return 0
+
+
 def _print_table(title: str, table: pd.DataFrame) -> None:
     with pd.option_context("display.width", 250, "display.max_rows", 500, "display.max_columns", 50, "display.float_format", _fmt):
         print(f"\n{title}")
         print(table.to_string())
 
 
-COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check, "timing": cmd_timing}
 
 
 def markdown(table: pd.DataFrame) -> str:

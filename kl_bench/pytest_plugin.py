@@ -27,6 +27,7 @@ def _selected(config, option):
 
 
 def pytest_configure(config):
+    backends.avoid_xla_cpu_hang()
     unknown = _selected(config, "--kl-backend") - set(backends.BACKENDS)
     if unknown:
         raise pytest.UsageError(f"--kl-backend: unknown {', '.join(sorted(unknown))}; known: {', '.join(backends.BACKENDS)}")

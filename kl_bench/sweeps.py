@@ -178,3 +178,90 @@ def gradients(families=None, subjects=None, dtype="float64", regimes=GRADIENT_RE
                 rows.append(_row(subject, case) | {"max_ulps": u.max(), "median_ulps": float(np.median(u)),
                                                    "nonfinite": int(nonfinite.sum())})
     return pd.DataFrame(rows, columns=GRADIENT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+TIMING_COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "compiled",
+                  "B", "k", "seconds", "compile_seconds", "bytes", "gbps", "flops", "roofline_fraction", "error"]
+_FULL_KS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# (B, k) from tiny (per-call overhead) to memory-bound; the full-covariance families at batch 16.
+TIMING_SHAPES = {
+    "quick": {"elementwise": ((1, 64), (4096, 64), (2048, 4096)), "full": ((16, 2), (16, 32), (16, 256))},
+    "full": {"elementwise": ((1, 64), (64, 64), (4096, 64), (256, 4096), (2048, 4096), (4096, 4096)),
+             "full": tuple((16, k) for k in _FULL_KS)},
+}
+TIMING_DTYPES = {"normal": ("float32",), "diag": ("float32",), "vae": ("float32",), "tril": ("float64",), "cov": ("float64",)}
+
+
+def timing_subjects(backend_names=None) -> list[Subject]:
+    """What ``timing`` compares by default: this project's stable and naive kernels in every mode
+    that runs here, torch.distributions (Normal, Independent Normal, MultivariateNormal), numpyro
+    and the textbook formula in NumPy."""
+    subjects = available_subjects(backend_names, compiled=True)
+    return [s for s in subjects if not (s.implementation == "torch.distributions" and s.method == "LowRank")]
+
+
+def timing(families=None, subjects=None, dtypes=None, sweep="quick", repeats=5, progress=True, shapes=None) -> pd.DataFrame:
+    """Seconds per call of every subject on every (family, shape, dtype) of ``TIMING_SHAPES[sweep]``
+    (or of ``shapes``, a list of (B, k) for every family), with compile time, GB/s and the fraction of the measured ceiling (``kl_bench.timing``): a tidy
+    DataFrame with the columns ``TIMING_COLUMNS``. ``dtypes`` defaults to float32 for the
+    elementwise families and float64 for the full-covariance ones. Interrupted (Ctrl-C), it returns
+    the rows finished so far."""
+    from . import timing as clock
+
+    families = families or list(cases.DEFAULT_N)
+    subjects = timing_subjects() if subjects is None else subjects
+    rows = []
+    try:
+        for family in families:
+            kind = "elementwise" if family in clock.ELEMENTWISE else "full"
+            for dtype in dtypes or TIMING_DTYPES[family]:
+                for batch, k in shapes or TIMING_SHAPES[sweep][kind]:
+                    for subject in [s for s in subjects if s.unavailable(family, dtype) is None]:
+                        if progress:
+                            print(f"  timing {family} {dtype} B={batch} k={k} {subject.name}", file=sys.stderr, flush=True)
+                        base = {"family": family, "subject": subject.name, "implementation": subject.implementation,
+                                "backend": subject.backend, "device": subject.device, "dtype": dtype,
+                                "method": subject.method, "mode": subject.mode, "compiled": _compiled(subject),
+                                "B": batch, "k": k, "error": ""}
+                        try:
+                            workload = clock.Workload(subject, family, batch, k, dtype)
+                            rows.append(base | clock.measure(workload, repeats=repeats))
+                        except Exception as exc:  # a third party that cannot take these inputs
+                            rows.append(base | {"error": describe(exc)})
+    except KeyboardInterrupt:
+        print("  timing interrupted: keeping the rows finished", file=sys.stderr)
+    return pd.DataFrame(rows, columns=TIMING_COLUMNS)
+
+
+def _compiled(subject: Subject) -> bool:
+    """Does the measured call run compiled code (JAX always; numba, jit and compile modes)?"""
+    return subject.backend == "jax" or subject.mode in ("numba", "jax.jit", "torch.compile")
+
+
+def speed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (family, dtype, B, k) and backend/mode of this project's stable kernel: its seconds,
+    stable / naive on the same backend and mode, torch.distributions / stable on the same device,
+    and the fraction of the measured ceiling."""
+    df = df[df.error == ""]
+    keys = ["family", "dtype", "B", "k"]
+    ours = df[df.implementation == "kl_bench"]
+    stable = ours[ours.method == "stable"].set_index(keys + ["backend", "device", "mode"])
+    naive = ours[ours.method == "naive"].set_index(keys + ["backend", "device", "mode"]).seconds
+    # The textbook on a backend is this project's naive kernel there; numba fuses only the stable
+    # one, so its textbook is the array path's.
+    naive_same = naive.reindex(stable.index)
+    array_naive = naive.rename(index={"": "numba"}, level="mode").reindex(stable.index)
+    naive_same = naive_same.fillna(array_naive)
+    torch_d = df[df.implementation == "torch.distributions"].groupby(keys + ["device"]).seconds.min()
+    out = pd.DataFrame({
+        "stable_ms": stable.seconds * 1e3,
+        "stable_over_textbook": stable.seconds / naive_same,
+        "torch_distributions_over_stable": torch_d.reindex(stable.index.droplevel(["backend", "mode"])).to_numpy() / stable.seconds,
+        "gbps": stable.gbps,
+        "roofline_fraction": stable.roofline_fraction,
+    })
+    return out.sort_index()

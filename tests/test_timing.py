@@ -1,3 +1,11 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kl_bench import cli, sweeps, timing
+from kl_bench.subjects import Subject, Textbook
 from kl_bench.timing import median_seconds
 
 
@@ -14,3 +22,55 @@ def test_median_seconds_warms_up_and_synchronises_every_call():
     seconds = median_seconds(lambda: calls.append(1) or len(calls), be, repeats=4)
     assert len(calls) == 5 and be.synced == [1, 2, 3, 4, 5]  # one untimed warm-up, then 4 timed
     assert seconds >= 0
+
+
+def test_input_bytes_and_flops_count_what_a_kernel_reads():
+    assert timing.input_bytes("vae", 3, 5, "float32") == 2 * 3 * 5 * 4
+    assert timing.input_bytes("diag", 3, 5, "float64") == 4 * 3 * 5 * 8
+    assert timing.input_bytes("normal", 3, 5, "float16") == 4 * 15 * 2
+    assert timing.input_bytes("cov", 2, 4, "float64") == 2 * (2 * 4 + 2 * 16) * 8
+    assert timing.nominal_flops("vae", 2, 4) is None and timing.nominal_flops("tril", 2, 4) == 2 * 64
+
+
+def test_workload_inputs_are_valid_and_the_call_is_synchronised():
+    calls = []
+
+    class Recording(Subject):
+        def function(self, family):
+            return lambda *args: calls.append(len(args)) or np.zeros(2)
+
+    workload = timing.Workload(Recording("numpy"), "cov", 2, 3, "float64")
+    s_p = workload.args[1]
+    assert np.all(np.linalg.eigvalsh(s_p) > 0)
+    result = timing.measure(workload, repeats=3, min_seconds=0.0)
+    assert calls == [4] * 5  # first call, warm-up, three timed
+    assert result["seconds"] > 0 and result["compile_seconds"] >= 0 and result["flops"] == 4 * 2 * 27
+    assert 0 < result["roofline_fraction"]
+
+
+def test_timing_sweep_and_speed_table():
+    subjects = [Subject("numpy"), Subject("numpy", method="naive"), Textbook()]
+    df = sweeps.timing(["vae", "cov"], subjects, shapes=[(4, 8)], repeats=2, progress=False)
+    assert list(df.columns) == sweeps.TIMING_COLUMNS and len(df) == 6
+    assert (df.error == "").all() and (df.seconds > 0).all() and (df.gbps > 0).all()
+    table = sweeps.speed_table(df)
+    row = table.loc[("vae", "float32", 4, 8, "numpy", "cpu", "")]
+    seconds = df.set_index(["family", "subject"]).seconds
+    ratio = seconds["vae", "kl_bench.stable[numpy-cpu]"] / seconds["vae", "kl_bench.naive[numpy-cpu]"]
+    assert row.stable_over_textbook == pytest.approx(ratio)
+
+
+def test_timing_command_writes_tables_and_refuses_bad_repeats(tmp_path, capsys):
+    assert cli.main(["timing", "--repeats", "0"]) == 2
+    assert cli.main(["timing", "--backends", "numpy", "--families", "normal", "--out", str(tmp_path), "--quiet",
+                     "--repeats", "1", "--markdown", str(tmp_path / "speed.md")]) == 0
+    assert (tmp_path / "timing.csv").exists() and (tmp_path / "timing.parquet").exists()
+    assert "stable_over_textbook" in (tmp_path / "speed.md").read_text()
+
+
+def test_benchmark_suite_collects_and_runs():
+    """The pytest-benchmark suite itself, one shape, benchmarks off (each runs once)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "-k", "vae-float32-4096x64 and numpy"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
