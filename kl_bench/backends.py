@@ -20,6 +20,11 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]  # cached: str() of a dtype costs microseconds a call
+
+
 class Backend:
     """Interface of an adapter; subclasses fill it in for one framework."""
 
@@ -49,7 +54,7 @@ class Backend:
         return getattr(self.xp, name)
 
     def dtype_name(self, dtype) -> str:
-        return str(dtype).rsplit(".", 1)[-1]
+        return _dtype_name(dtype)
 
     def is_floating(self, dtype) -> bool:
         return self.dtype_name(dtype) in FLOAT_DTYPES

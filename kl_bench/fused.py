@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 FAMILIES = ("vae", "diag")
-DTYPES = ("float32",)  # the compute dtype; half precision arrives as float32
+DTYPE = "float32"  # the compute dtype; half precision arrives as float32
 _PARALLEL_MIN = 1 << 15  # elements below which one thread beats starting the pool
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -49,24 +49,23 @@ def applies(be, family, arrays) -> bool:
     if be.name == "torch":
         torch = be.torch
         needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in arrays)
-        return not needs_grad and all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) in DTYPES
-    return be.name == "numpy" and arrays[0].dtype.name in DTYPES
+        return not needs_grad and all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) == DTYPE
+    return be.name == "numpy" and arrays[0].dtype == np.float32
 
 
 def kl(be, family, arrays):
     """The KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by the caller)."""
     host = [np.asarray(a) for a in arrays] if be.name == "numpy" else [a.numpy() for a in arrays]
-    shape = np.broadcast_shapes(*(a.shape for a in host))
-    host = [np.broadcast_to(a, shape) for a in host]  # read-only views
+    shape = _common_shape([a.shape for a in host])
+    host = [a if a.shape == shape else np.broadcast_to(a, shape) for a in host]  # read-only views
     if 0 in shape:
         out = np.zeros(shape[:-1])
     else:
         rows = [a.reshape(-1, shape[-1]) for a in host]
         out = np.empty(rows[0].shape[0])
         kernel = _kernels()[family, rows[0].size >= _PARALLEL_MIN]
-        kernel(*rows, out)
-        special = ~np.isfinite(out)
-        if special.any():  # NaN or infinity in these rows: the array path decides
+        if not math.isfinite(kernel(*rows, out)):  # NaN or infinity in some rows: the array path decides
+            special = ~np.isfinite(out)
             from . import backends, kernels
 
             numpy_be = backends.get("numpy")
@@ -74,6 +73,11 @@ def kl(be, family, arrays):
             out[special] = pure(*(r[special] for r in rows))
         out = out.reshape(shape[:-1])
     return out if be.name == "numpy" else be.torch.from_numpy(out)
+
+
+def _common_shape(shapes):
+    first = shapes[0]
+    return first if all(s == first for s in shapes) else np.broadcast_shapes(*shapes)
 
 
 # e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r = 1 + r + r^2 q(r), where
@@ -94,7 +98,7 @@ _ELEMENT_FASTMATH = {"contract"}
 
 @functools.cache
 def _kernels():
-    """Compile on first use: {(family, parallel): kernel(*rows, out)}."""
+    """Compile on first use: {(family, parallel): kernel(*rows, out) -> sum of out}."""
     import numba
     from llvmlite import ir
     from numba.core import types
@@ -138,6 +142,7 @@ def _kernels():
         return 0.5 * ((two_n - 1.0) + (two_n * r - x) + two_n * tail)
 
     def vae_rows(loc, logvar, out):
+        grand = 0.0  # finite exactly when every input is (see the module's docstring)
         for i in numba.prange(loc.shape[0]):
             _prefer_wide_vectors()
             total = 0.0
@@ -145,8 +150,11 @@ def _kernels():
                 m = np.float64(loc[i, j])
                 total += _half_phi(np.float64(logvar[i, j])) + 0.5 * m * m
             out[i] = total
+            grand += total
+        return grand
 
     def diag_rows(loc_p, logvar_p, loc_q, logvar_q, out):
+        grand = 0.0
         for i in numba.prange(loc_p.shape[0]):
             _prefer_wide_vectors()
             total = 0.0
@@ -155,6 +163,8 @@ def _kernels():
                 lq = np.float64(logvar_q[i, j])
                 total += _half_phi(np.float64(logvar_p[i, j]) - lq) + 0.5 * dmu * dmu * _exp(-lq)
             out[i] = total
+            grand += total
+        return grand
 
     return {
         (family, parallel): numba.njit(parallel=parallel, fastmath=_SUM_FASTMATH, cache=True)(rows)

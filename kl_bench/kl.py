@@ -96,11 +96,11 @@ def _backend_of(names, values):
 def _convert(be, names, values):
     """Arrays of ``be`` in the compute dtype, and the dtype of the result."""
     given = {name: x for name, x in zip(names, values) if be.owns(x)}
-    devices = {name: be.device_of(x) for name, x in given.items()}
-    distinct = {d for d in devices.values() if d is not None}
-    if len(distinct) > 1:
-        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
-        raise TypeError(f"arrays on different devices in one call ({listed}); move them to one")
+    if be.name != "numpy":  # NumPy has one device
+        devices = {name: be.device_of(x) for name, x in given.items()}
+        if len({d for d in devices.values() if d is not None}) > 1:
+            listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+            raise TypeError(f"arrays on different devices in one call ({listed}); move them to one")
     device = next(iter(given.values())).device if given and be.name == "torch" else None
     result_dtype = be.result_dtype(list(given.values())) if given else be.dtype("float64")
     compute = be.dtype("float32") if be.dtype_name(result_dtype) in HALF_DTYPES else result_dtype
@@ -120,7 +120,8 @@ def _broadcast(be, family, names, arrays):
     shapes = {name: tuple(x.shape) for name, x in zip(names, arrays)}
     if family in ("normal", "diag", "vae"):
         try:
-            shape = np.broadcast_shapes(*shapes.values())
+            first = next(iter(shapes.values()))
+            shape = first if all(s == first for s in shapes.values()) else np.broadcast_shapes(*shapes.values())
         except ValueError:
             raise ValueError(f"shapes do not broadcast: {_listing(shapes)}") from None
         if family != "normal" and len(shape) == 0:
