@@ -1,7 +1,11 @@
 """The ``kl-bench`` command.
 
-- ``kl-bench run``: this project's kernels and every installed third party on the quick case sets;
-  exit 1 if a stable kernel misses its bound.
+- ``kl-bench run [--quick|--full]``: the main job: accuracy and timing of this project's kernels and
+  every installed third party, cell by cell (resumable, ``--jobs``, ``--scheduler``), into tables
+  and a report (``kl_bench.runner``, ``kl_bench.report``); exit 1 if a stable kernel misses its bound.
+- ``kl-bench report DIR``: rebuild a run's report from its tables.
+- ``kl-bench recommend --family F --shape BxK --dtype D``: the fastest subject meeting an accuracy
+  requirement (``kl_bench.recommend``).
 - ``kl-bench accuracy``: an accuracy sweep (quick, closeness, conditioning, dimension, full) written
   as CSV and parquet, with the headline table printed.
 - ``kl-bench baseline``: rewrite the accuracy baseline (``reports/accuracy-baseline.csv``).
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,15 +59,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
-        help="every family on every installed backend and dtype against the mpmath references",
-        description="Runs every KL family on every installed backend, device and dtype (this project's "
-        "kernels and every installed third party) against self-validated mpmath references on the "
-        "quick case set, prints the worst error in ulps per regime, and exits 1 if a stable kernel "
-        "misses its bound.",
+        help="the main job: accuracy and timing of every installed backend -> tables and a report",
+        description="Runs the accuracy sweep (every KL family on every installed backend, device and dtype, "
+        "this project's kernels and every installed third party, against self-validated mpmath references) "
+        "and the timing sweep, cell by cell: each finished cell is stored in DIR/cells, and a run started again "
+        "with the same --out reuses them. Writes the tables (parquet, CSV), environment.json and a report "
+        "(report.md, report.html with plots) to DIR, prints the worst error in ulps per regime, and exits 1 if "
+        "a stable kernel misses its bound.",
     )
-    _selection(run)
-    run.add_argument("--csv", type=Path, help="write the tidy per-case-set table here")
-    run.add_argument("--markdown", type=Path, help="write the worst-ulps table here as Markdown")
+    _selection(run, methods=False)
+    size = run.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the quick sweeps (default; about 5 minutes on 2 cores)")
+    size.add_argument("--full", action="store_true", help="every sweep, every timing shape and compiled mode (the publication run)")
+    run.add_argument("--out", type=Path, help="output directory (default: a new folder under reports/runs/, with reports/runs/latest)")
+    run.add_argument("--jobs", type=int, default=1, help="cells in parallel processes (default: 1)")
+    run.add_argument("--scheduler", help="run the cells on this Dask distributed scheduler (host:port)")
+    run.add_argument("--csv", type=Path, help="also write the accuracy table here")
+    run.add_argument("--markdown", type=Path, help="also write the worst-ulps table here as Markdown")
+
+    rep = sub.add_parser("report", help="rebuild a run's report from its tables",
+                         description="Rebuilds report.md, report.html and plots/ in DIR from DIR's tables alone.")
+    rep.add_argument("dir", type=Path)
+
+    rec = sub.add_parser("recommend", help="the fastest subject meeting an accuracy requirement at a shape",
+                         description="Prints the fastest subject (backend, mode, implementation) whose worst error on every "
+                         "case set of the family and dtype is within --max-ulps (default: this project's promised bound "
+                         "for each case set) at shape BxK, with its time, worst error, the runner-up and the line of code "
+                         "that calls it. Reads a run's tables (--from, default reports/runs/latest) and measures what is "
+                         "missing there. Exit 1 if nothing qualifies.")
+    rec.add_argument("--family", required=True, choices=FAMILIES)
+    rec.add_argument("--shape", required=True, help="BxK, e.g. 2048x4096 (normal: B*K scalars)")
+    rec.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
+    rec.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    rec.add_argument("--max-ulps", type=float)
+    rec.add_argument("--from", dest="source", type=Path, help="a run's directory (default: reports/runs/latest)")
+    rec.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
+    rec.add_argument("--quiet", action="store_true", help="no progress lines")
 
     acc = sub.add_parser("accuracy", help="an accuracy sweep -> CSV and parquet",
                          description="Every subject on every case set of a sweep; writes DIR/accuracy.csv and "
@@ -111,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     backends.avoid_xla_cpu_hang()
     return COMMANDS[args.command](args)
 
@@ -127,29 +162,99 @@ def _backends_or_error(args):
     return names, (f"backend not installed: {', '.join(missing)}" if missing else None)
 
 
+def _writable_dir(path: Path) -> str | None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"cannot write to {path}: {exc.strerror or exc}"
+    return None
+
+
 def cmd_run(args) -> int:
+    from . import report, runner
+
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
-    print(f"kl-bench run: backends {', '.join(names)}", file=sys.stderr)
+    if args.jobs < 1:
+        return _usage_error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.scheduler and importlib.util.find_spec("distributed") is None:
+        return _usage_error('--scheduler needs dask.distributed: pip install "kl-bench[dask]"')
+    if args.out is not None and (problem := _writable_dir(args.out)):
+        return _usage_error(problem)
+    out = args.out or runner.new_run_dir()
+    mode = "full" if args.full else "quick"
     start = time.perf_counter()
-    subjects = sweeps.available_subjects(names, tuple(args.methods))
-    df = sweeps.accuracy(args.families, subjects, args.dtypes, "quick", args.seed, progress=not args.quiet)
-    table = sweeps.worst_table(df)
-    _print_table("Worst error in ulps of the output dtype (over backends, devices and parameters):", table)
+    print(f"kl-bench run --{mode}: backends {', '.join(names)} -> {out}", file=sys.stderr)
+    cells = runner.plan(mode, args.families, args.dtypes)
+    results, reused = runner.execute(cells, out, names, runner.PLANS[mode]["compiled"], args.jobs, args.scheduler,
+                                     args.seed, args.quiet)
+    frames = runner.tables({cell: results[cell] for cell in cells})
+    runner.write_tables(out, frames)
+    runner.write_environment(out, args.argv)
+    md, page = report.build(out)
+    df = frames["accuracy"]
+    if len(df):
+        _print_table("Worst error in ulps of the output dtype (over backends, devices and parameters):", sweeps.worst_table(df))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.csv, index=False)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(table))
-    failed = df[(df.implementation == "kl_bench") & (df.method == "stable") & (df.ok != True)]  # noqa: E712 (object column)
-    print(f"\n{len(df)} subject x case-set rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        args.markdown.write_text(markdown(sweeps.worst_table(df)))
+    failed = report.failures(frames)
+    print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
+          f"(accuracy, timing; parquet and CSV), environment.json, {md.name}, {page.name}", file=sys.stderr)
     if len(failed):
         print("\nStable kernels outside their bound:")
-        print(failed[["family", "subject", "dtype", "regime", "param", "max_ulps", "bound", "negatives", "nans"]].to_string(index=False))
+        print(failed.to_string(index=False))
         return 1
-    print("All stable kernels are within their bounds.")
+    print("\nAll stable kernels within their bounds.")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    if not args.dir.is_dir():
+        return _usage_error(f"no such directory: {args.dir}")
+    try:
+        md, page = report.build(args.dir)
+    except FileNotFoundError as exc:
+        return _usage_error(str(exc))
+    print(f"{md}, {page}")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from . import recommend, runner
+
+    try:
+        batch, k = (int(v) for v in args.shape.lower().split("x"))
+        if batch < 1 or k < 1:
+            raise ValueError
+    except ValueError:
+        return _usage_error(f"--shape must be BxK with positive integers, e.g. 2048x4096, got {args.shape!r}")
+    names, problem = _backends_or_error(args)
+    if problem:
+        return _usage_error(problem)
+    source = args.source or runner.RUNS_DIR / "latest"
+    if args.source is not None and not args.source.is_dir():
+        return _usage_error(f"no such run directory: {args.source}")
+    if (problem := _writable_dir(source)):
+        return _usage_error(problem)
+    choices, measured = recommend.recommend(source, args.family, batch, k, args.dtype, args.device, args.max_ulps, names, args.quiet)
+    requirement = f"<= {args.max_ulps:g} ulps" if args.max_ulps is not None else "within kl-bench's promised bound on every case set"
+    print(f"{args.family}, {args.dtype}, B={batch}, k={k}, {args.device}; accuracy {requirement}"
+          + (f" ({measured} cells measured into {source})" if measured else f" (from {source})"))
+    if not choices:
+        print("nothing measured meets that requirement")
+        return 1
+    for rank, choice in zip(("fastest", "runner-up"), choices):
+        print(f"{rank}: {choice.subject}: {choice.seconds * 1e3:.3g} ms per call, worst error {choice.worst_ulps:.3g} ulps")
+        print(f"    {choice.code}")
     return 0
 
 
@@ -252,7 +357,8 @@ def _print_table(title: str, table: pd.DataFrame) -> None:
         print(table.to_string())
 
 
-COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check, "timing": cmd_timing}
+COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check, "timing": cmd_timing,
+            "report": cmd_report, "recommend": cmd_recommend}
 
 
 def markdown(table: pd.DataFrame) -> str:

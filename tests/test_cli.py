@@ -10,7 +10,7 @@ from kl_bench import bounds, cli
 
 
 def test_run_prints_the_worst_ulps_table_and_writes_files(tmp_path, capsys):
-    code = cli.main(["run", "--backends", "numpy", "--families", "normal,vae", "--dtypes", "float64",
+    code = cli.main(["run", "--backends", "numpy", "--families", "normal,vae", "--dtypes", "float64", "--out", str(tmp_path / "run"),
                      "--quiet", "--csv", str(tmp_path / "acc.csv"), "--markdown", str(tmp_path / "acc.md")])
     out = capsys.readouterr().out
     assert code == 0
@@ -23,9 +23,9 @@ def test_run_prints_the_worst_ulps_table_and_writes_files(tmp_path, capsys):
     assert (tmp_path / "acc.md").read_text().startswith("| family / regime | stable float64 | naive float64 |")
 
 
-def test_run_exits_1_when_a_stable_kernel_misses_its_bound(monkeypatch, capsys):
+def test_run_exits_1_when_a_stable_kernel_misses_its_bound(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bounds, "ulp_bound", lambda *args, **kwargs: 1e-3)
-    assert cli.main(["run", "--backends", "numpy", "--families", "normal", "--dtypes", "float64", "--quiet"]) == 1
+    assert cli.main(["run", "--backends", "numpy", "--families", "normal", "--dtypes", "float64", "--quiet", "--out", str(tmp_path)]) == 1
     assert "outside their bound" in capsys.readouterr().out
 
 

@@ -1,0 +1,89 @@
+"""``kl-bench recommend``: the fastest subject that meets an accuracy requirement at one shape.
+
+Accuracy comes from the run's accuracy table (every case set of the family and dtype: a subject
+qualifies if its worst error on each case set is within the requirement: ``max_ulps`` if given,
+else this project's promised bound for that case set), speed from its timing table at the shape.
+Cells missing from the run are measured and stored in its ``cells/`` (so they are reused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import runner
+
+# One line of code per implementation; {f} is the family, {args} its arguments.
+CODE = {
+    "kl_bench": "kl_bench.kl_{f}({args}{extra})",
+    "torch.distributions": "torch.distributions.kl_divergence(p, q)  # {dist}",
+    "numpyro": "numpyro.distributions.kl_divergence(p, q)  # {dist}",
+    "textbook": "the textbook formula in NumPy: kl_bench.subjects.textbook_{f}({args})",
+}
+DISTRIBUTIONS = {
+    "normal": "Normal(loc, scale)",
+    "diag": "Independent(Normal(loc, exp(logvar / 2)), 1)",
+    "vae": "Independent(Normal(loc, exp(logvar / 2)), 1) against a standard normal",
+    "tril": "MultivariateNormal(loc, scale_tril=L)",
+    "cov": "MultivariateNormal(loc, covariance_matrix=S)",
+}
+ARGS = {"normal": "loc_p, scale_p, loc_q, scale_q", "diag": "loc_p, logvar_p, loc_q, logvar_q", "vae": "loc, logvar",
+        "tril": "loc_p, tril_p, loc_q, tril_q", "cov": "loc_p, cov_p, loc_q, cov_q"}
+
+
+@dataclass
+class Choice:
+    subject: str
+    seconds: float
+    worst_ulps: float
+    code: str
+
+
+def code_line(row: pd.Series, family: str) -> str:
+    """How to call the subject of a timing row."""
+    impl = row.implementation
+    extra = ', method="naive"' if impl == "kl_bench" and row.method == "naive" else ""
+    line = CODE[impl].format(f=family, args=ARGS[family], extra=extra, dist=DISTRIBUTIONS[family])
+    if impl == "kl_bench":
+        arrays = {"numpy": "NumPy arrays", "torch": "torch tensors", "jax": "JAX arrays"}[row.backend]
+        if row["mode"] == "jax.jit":
+            line = f"jax.jit({line.split('(')[0]})({ARGS[family]}{extra})"
+        elif row["mode"] == "torch.compile":
+            line = f"torch.compile({line.split('(')[0]})({ARGS[family]}{extra})"
+        elif row["mode"] == "":
+            if row.backend in ("numpy", "torch") and family in ("vae", "diag") and row.method == "stable":
+                line = f"with kl_bench.fused.use(False): {line}"
+        note = f"  # {arrays} on {row.device}" + ('; pip install "kl-bench[numba]"' if row["mode"] == "numba" else "")
+        line += note
+    return line
+
+
+def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: str = "cpu", max_ulps: float | None = None,
+              backend_names=None, quiet: bool = False) -> tuple[list[Choice], int]:
+    """Qualifying subjects, fastest first, and how many cells were measured for it."""
+    cells = [runner.Cell("accuracy", family, dtype, "quick"), runner.Cell("timing", family, dtype, f"{batch}x{k}")]
+    frames = runner.read_tables(out) if out.exists() else {}
+    have = {
+        "accuracy": "accuracy" in frames and ((frames["accuracy"].family == family) & (frames["accuracy"].dtype == dtype)).any(),
+        "timing": "timing" in frames and ((frames["timing"].family == family) & (frames["timing"].dtype == dtype)
+                                          & (frames["timing"].B == batch) & (frames["timing"].k == k)).any(),
+    }
+    missing = [c for c in cells if not have[c.kind]]
+    measured = {}
+    if missing:
+        results, _ = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
+        measured = runner.tables(results)
+    acc = pd.concat([frames.get("accuracy", pd.DataFrame()), measured.get("accuracy", pd.DataFrame())], ignore_index=True)
+    tim = pd.concat([frames.get("timing", pd.DataFrame()), measured.get("timing", pd.DataFrame())], ignore_index=True)
+    acc = acc[(acc.family == family) & (acc.dtype == dtype) & (acc.device == device)]
+    tim = tim[(tim.family == family) & (tim.dtype == dtype) & (tim.device == device) & (tim.B == batch) & (tim.k == k)
+              & (tim.error.fillna("") == "")]
+    limit = acc.bound if max_ulps is None else pd.Series(max_ulps, index=acc.index)
+    judged = acc[limit.notna()].assign(meets=lambda d: (d.max_ulps <= limit[d.index]) & (d.error.fillna("") == ""))
+    verdict = judged.groupby("subject").agg(meets=("meets", "all"), worst=("max_ulps", "max"))
+    good = verdict[verdict.meets]
+    tim = tim[tim.subject.isin(good.index)].sort_values("seconds")
+    choices = [Choice(row.subject, row.seconds, float(good.worst[row.subject]), code_line(row, family)) for _, row in tim.iterrows()]
+    return choices, len(missing)

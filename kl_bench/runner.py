@@ -1,0 +1,228 @@
+"""The main job: accuracy and timing sweeps split into cells, each stored as it finishes.
+
+A cell is one (kind, family, dtype, part): an accuracy cell runs every subject on the case sets of
+one sweep part ("quick", "closeness", ...), a timing cell times every subject at one shape. Cells
+are independent, so they run serially, in ``--jobs`` processes or on a Dask cluster
+(``--scheduler``), and each is written atomically to ``DIR/cells/<name>.parquet`` when it
+finishes. A run started again with the same directory reuses every cell file that reads back
+whole; a truncated or corrupt one is computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import backends, sweeps, timing
+from .kl import FAMILIES
+
+# What --quick and --full measure: accuracy sweep parts, and timing shapes (sweeps.TIMING_SHAPES).
+PLANS = {
+    "quick": {"accuracy": ("quick",), "timing": "quick", "compiled": False},
+    "full": {"accuracy": ("full",), "timing": "full", "compiled": True},
+}
+RUNS_DIR = Path("reports") / "runs"
+
+
+@dataclass(frozen=True)
+class Cell:
+    kind: str  # "accuracy" or "timing"
+    family: str
+    dtype: str
+    part: str  # the sweep part (accuracy) or "BxK" (timing)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.family}-{self.dtype}-{self.part}"
+
+
+def plan(mode: str = "quick", families=None, dtypes=None) -> list[Cell]:
+    """Every cell of a run, in the order they are started."""
+    spec = PLANS[mode]
+    cells = []
+    for family in families or FAMILIES:
+        for dtype in dtypes or backends.FLOAT_DTYPES:
+            cells += [Cell("accuracy", family, dtype, part) for part in spec["accuracy"]]
+    for family in families or FAMILIES:
+        kind = "elementwise" if family in timing.ELEMENTWISE else "full"
+        for dtype in [d for d in sweeps.TIMING_DTYPES[family] if not dtypes or d in dtypes]:
+            cells += [Cell("timing", family, dtype, f"{b}x{k}") for b, k in sweeps.TIMING_SHAPES[spec["timing"]][kind]]
+    return cells
+
+
+def subjects_for(backend_names, compiled: bool):
+    """The subjects of a run: everything available on these backends; ``compiled`` adds this
+    project's kernels under jax.jit and torch.compile (timing leaves out torch.distributions'
+    LowRank, as ``sweeps.timing_subjects`` does)."""
+    return sweeps.available_subjects(backend_names, compiled=compiled)
+
+
+def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.DataFrame:
+    """The rows of one cell (run in this process, a worker process or a Dask worker)."""
+    backends.avoid_xla_cpu_hang()
+    subjects = subjects_for(backend_names, compiled)
+    if cell.kind == "accuracy":
+        return sweeps.accuracy([cell.family], subjects, [cell.dtype], cell.part, seed, progress=False)
+    batch, k = (int(v) for v in cell.part.split("x"))
+    timed = [s for s in subjects if not (s.implementation == "torch.distributions" and s.method == "LowRank")]
+    return sweeps.timing([cell.family], timed, [cell.dtype], shapes=[(batch, k)], progress=False)
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    return out / "cells" / f"{cell.name}.parquet"
+
+
+def store(out: Path, cell: Cell, df: pd.DataFrame) -> None:
+    """Write a cell atomically: a temporary file in the same directory, then a rename."""
+    path = cell_path(out, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{cell.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(out: Path, cell: Cell) -> pd.DataFrame | None:
+    """A finished cell, or None if it is missing, truncated or corrupt."""
+    path = cell_path(out, cell)
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception:  # truncated or corrupt: computed again
+        return None
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain lines otherwise (both on stderr)."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.quiet, self.done, self.total = quiet, 0, total
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="cell")
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet:
+            print(f"  [{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, scheduler: str | None = None,
+            seed: int = 0, quiet: bool = False) -> tuple[dict, int]:
+    """Run the cells not already stored in ``out``; returns ({cell: rows}, number reused)."""
+    results, todo = {}, []
+    for cell in cells:
+        df = load(out, cell)
+        if df is None:
+            todo.append(cell)
+        else:
+            results[cell] = df
+    reused = len(results)
+    if not quiet:
+        print(f"kl-bench run: {len(cells)} cells, {reused} reused from {out}, {len(todo)} to compute", file=sys.stderr)
+    progress = Progress(len(todo), quiet)
+
+    def finished(cell, df):
+        store(out, cell, df)
+        results[cell] = load(out, cell)  # the tables always come from stored cells: a resumed run gives the same
+        progress.step(cell.name)
+
+    try:
+        if scheduler:
+            from distributed import Client, as_completed as dask_completed
+
+            with Client(scheduler) as client:
+                futures = {client.submit(compute, c, backend_names, compiled, seed, pure=False): c for c in todo}
+                for future in dask_completed(futures):
+                    finished(futures[future], future.result())
+        elif jobs > 1:
+            with ProcessPoolExecutor(jobs) as pool:
+                futures = {pool.submit(compute, c, backend_names, compiled, seed): c for c in todo}
+                for future in as_completed(futures):
+                    finished(futures[future], future.result())
+        else:
+            for cell in todo:
+                finished(cell, compute(cell, backend_names, compiled, seed))
+    finally:
+        progress.close()
+    return results, reused
+
+
+def tables(results: dict) -> dict[str, pd.DataFrame]:
+    """The tidy tables of a run, in plan order: accuracy and timing."""
+    out = {}
+    for kind, columns in (("accuracy", sweeps.COLUMNS), ("timing", sweeps.TIMING_COLUMNS)):
+        parts = [df for cell, df in results.items() if cell.kind == kind and len(df)]
+        out[kind] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    return out
+
+
+def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
+    for name, df in frames.items():
+        df.to_parquet(out / f"{name}.parquet", index=False)
+        df.to_csv(out / f"{name}.csv", index=False)
+
+
+def read_tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(out / f"{name}.parquet") for name in ("accuracy", "timing") if (out / f"{name}.parquet").exists()}
+
+
+def environment(argv) -> dict:
+    """Machine, versions, git revision and the command line of a run."""
+    info = timing.machine()
+    try:
+        info["git_revision"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_revision"] = None
+    info["command"] = " ".join(["kl-bench", *argv])
+    return info
+
+
+def write_environment(out: Path, argv) -> None:
+    (out / "environment.json").write_text(json.dumps(environment(argv), indent=2) + "\n")
+
+
+def new_run_dir() -> Path:
+    """A new folder under reports/runs/ (named by the time), with reports/runs/latest pointing at it."""
+    stamp = pd.Timestamp.now().strftime("%Y%m%d-%H%M%S")
+    out = RUNS_DIR / stamp
+    n = 1
+    while out.exists():
+        n += 1
+        out = RUNS_DIR / f"{stamp}-{n}"
+    out.mkdir(parents=True)
+    latest = RUNS_DIR / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(out.name)
+    return out
+

@@ -1,0 +1,126 @@
+"""The main job: cells stored atomically and reused, corrupt cells recomputed, processes and a Dask
+LocalCluster giving the same tables, the report rebuilt from tables alone, and recommend."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from kl_bench import backends, cli, report, runner
+
+SMALL = [runner.Cell("accuracy", "normal", "float64", "quick"), runner.Cell("accuracy", "vae", "float32", "quick"),
+         runner.Cell("timing", "vae", "float32", "4x8")]
+
+
+def _accuracy(results):
+    return runner.tables(results)["accuracy"].sort_values(["family", "subject", "regime", "param"]).reset_index(drop=True)
+
+
+def test_plan_names_every_cell_once():
+    for mode in runner.PLANS:
+        cells = runner.plan(mode)
+        assert len({c.name for c in cells}) == len(cells)
+    quick = runner.plan("quick", ["vae"], ["float32"])
+    assert [c.name for c in quick] == ["accuracy-vae-float32-quick", "timing-vae-float32-1x64",
+                                       "timing-vae-float32-4096x64", "timing-vae-float32-2048x4096"]
+
+
+def test_cells_are_reused_and_corrupt_ones_recomputed(tmp_path, capsys):
+    first, reused = runner.execute(SMALL, tmp_path, ["numpy"], compiled=False)
+    assert reused == 0 and all(runner.cell_path(tmp_path, c).exists() for c in SMALL)
+    assert not list((tmp_path / "cells").glob("*.tmp"))  # written atomically: no leftovers
+    again, reused = runner.execute(SMALL, tmp_path, ["numpy"], compiled=False)
+    assert reused == len(SMALL) and "3 reused" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(_accuracy(again), _accuracy(first))
+    path = runner.cell_path(tmp_path, SMALL[0])
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a kill mid-write without the rename
+    assert runner.load(tmp_path, SMALL[0]) is None
+    third, reused = runner.execute(SMALL, tmp_path, ["numpy"], compiled=False)
+    assert reused == len(SMALL) - 1
+    pd.testing.assert_frame_equal(_accuracy(third), _accuracy(first))
+
+
+def test_processes_give_the_same_tables(tmp_path):
+    serial, _ = runner.execute(SMALL[:2], tmp_path / "serial", ["numpy"], compiled=False, quiet=True)
+    parallel, _ = runner.execute(SMALL[:2], tmp_path / "jobs", ["numpy"], compiled=False, jobs=2, quiet=True)
+    pd.testing.assert_frame_equal(_accuracy(parallel), _accuracy(serial))
+
+
+def test_dask_local_cluster_gives_the_same_tables(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    serial, _ = runner.execute(SMALL[:2], tmp_path / "serial", ["numpy"], compiled=False, quiet=True)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        on_dask, _ = runner.execute(SMALL[:2], tmp_path / "dask", ["numpy"], compiled=False, scheduler=cluster.scheduler_address,
+                                    quiet=True)
+    pd.testing.assert_frame_equal(_accuracy(on_dask), _accuracy(serial))
+    assert runner.load(tmp_path / "dask", SMALL[0]) is not None  # the same storage and resume logic
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert cli.main(["run", "--backends", "numpy", "--families", "vae", "--dtypes", "float32", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_run_writes_tables_environment_and_a_self_contained_report(run_dir):
+    for name in ("accuracy", "timing"):
+        assert len(pd.read_parquet(run_dir / f"{name}.parquet")) == len(pd.read_csv(run_dir / f"{name}.csv")) > 0
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert {"cpu", "cores", "numpy", "git_revision", "command"} <= set(env) and "--families vae" in env["command"]
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list((run_dir / "plots").glob("*.png"))) >= 4
+    assert "every stable kernel within its bound" in (run_dir / "report.md").read_text()
+
+
+def test_rerun_reuses_every_cell(run_dir, capsys):
+    before = pd.read_parquet(run_dir / "timing.parquet")
+    assert cli.main(["run", "--backends", "numpy", "--families", "vae", "--dtypes", "float32", "--out", str(run_dir)]) == 0
+    assert "4 reused" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "timing.parquet"), before)
+
+
+def test_report_is_rebuilt_from_the_tables_alone(run_dir, tmp_path):
+    for name in ("accuracy.parquet", "timing.parquet"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").exists() and (tmp_path / "plots" / "time-vs-size.png").exists()
+    assert cli.main(["report", str(tmp_path / "absent")]) == 2
+
+
+def test_recommend_from_a_run_and_measuring_what_is_missing(run_dir, capsys):
+    assert cli.main(["recommend", "--family", "vae", "--shape", "4096x64", "--dtype", "float32", "--from", str(run_dir), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "fastest: " in text and "runner-up: " in text and "kl_bench.kl_vae(loc, logvar)" in text and "measured" not in text
+    assert cli.main(["recommend", "--family", "vae", "--shape", "8x16", "--dtype", "float32", "--from", str(run_dir), "--quiet"]) == 0
+    assert "1 cells measured" in capsys.readouterr().out
+    assert runner.load(run_dir, runner.Cell("timing", "vae", "float32", "8x16")) is not None
+    assert cli.main(["recommend", "--family", "vae", "--shape", "8x16", "--dtype", "float32", "--from", str(run_dir),
+                     "--max-ulps", "0.01"]) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--jobs", "0"],
+    ["run", "--out", "{file}"],
+    ["recommend", "--family", "vae", "--shape", "64", "--from", "{dir}"],
+    ["recommend", "--family", "vae", "--shape", "8x16", "--from", "{dir}/absent"],
+])
+def test_bad_arguments_exit_2_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    called = []
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: called.append(1))
+    argv = [a.format(file=tmp_path / "file", dir=tmp_path) for a in argv]
+    assert cli.main(argv) == 2 and not called
+    assert "kl-bench: error:" in capsys.readouterr().err
+
+
+def test_run_refuses_a_backend_that_is_not_installed(monkeypatch, capsys):
+    monkeypatch.setattr(backends.get("jax"), "installed", lambda: False)
+    assert cli.main(["run", "--backends", "jax", "--out", "unused"]) == 2
+    assert "not installed: jax" in capsys.readouterr().err
+
+
+def test_failures_table_lists_stable_rows_outside_their_bound():
+    acc = pd.DataFrame({"family": ["vae"], "subject": ["s"], "implementation": ["kl_bench"], "method": ["stable"], "dtype": ["float32"],
+                        "regime": ["generic"], "param": [None], "max_ulps": [99.0], "bound": [4.0], "ok": [False], "error": [""]})
+    assert len(report.failures({"accuracy": acc})) == 1
