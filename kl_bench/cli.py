@@ -189,8 +189,14 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     print(f"kl-bench run --{mode}: backends {', '.join(names)} -> {out}", file=sys.stderr)
     cells = runner.plan(mode, args.families, args.dtypes)
-    results, reused = runner.execute(cells, out, names, runner.PLANS[mode]["compiled"], args.jobs, args.scheduler,
-                                     args.seed, args.quiet)
+    try:
+        results, reused = runner.execute(cells, out, names, runner.PLANS[mode]["compiled"], args.jobs, args.scheduler,
+                                         args.seed, args.quiet)
+    except KeyboardInterrupt:
+        done = len(list((out / "cells").glob("*.parquet")))
+        print(f"\ninterrupted: {done} finished cells are stored in {out}; the same command with --out {out} resumes",
+              file=sys.stderr)
+        return 130
     frames = runner.tables({cell: results[cell] for cell in cells})
     runner.write_tables(out, frames)
     runner.write_environment(out, args.argv)

@@ -2,8 +2,8 @@
 
 A cell is one (kind, family, dtype, part): an accuracy cell runs every subject on the case sets of
 one sweep part ("quick", "closeness", ...), a timing cell times every subject at one shape. Cells
-are independent, so they run serially, in ``--jobs`` processes or on a Dask cluster
-(``--scheduler``), and each is written atomically to ``DIR/cells/<name>.parquet`` when it
+are independent: accuracy cells run serially, in ``--jobs`` processes or on a Dask cluster
+(``--scheduler``); timing cells run in this process one at a time. Each is written atomically to ``DIR/cells/<name>.parquet`` when it
 finishes. A run started again with the same directory reuses every cell file that reads back
 whole; a truncated or corrupt one is computed again.
 """
@@ -58,22 +58,17 @@ def plan(mode: str = "quick", families=None, dtypes=None) -> list[Cell]:
     return cells
 
 
-def subjects_for(backend_names, compiled: bool):
-    """The subjects of a run: everything available on these backends; ``compiled`` adds this
-    project's kernels under jax.jit and torch.compile (timing leaves out torch.distributions'
-    LowRank, as ``sweeps.timing_subjects`` does)."""
-    return sweeps.available_subjects(backend_names, compiled=compiled)
-
-
 def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.DataFrame:
-    """The rows of one cell (run in this process, a worker process or a Dask worker)."""
+    """The rows of one cell (run in this process, a worker process or a Dask worker); ``compiled``
+    adds this project's kernels under jax.jit and torch.compile."""
     backends.avoid_xla_cpu_hang()
-    subjects = subjects_for(backend_names, compiled)
     if cell.kind == "accuracy":
+        subjects = sweeps.available_subjects(backend_names, compiled=compiled)
         return sweeps.accuracy([cell.family], subjects, [cell.dtype], cell.part, seed, progress=False)
     batch, k = (int(v) for v in cell.part.split("x"))
-    timed = [s for s in subjects if not (s.implementation == "torch.distributions" and s.method == "LowRank")]
-    return sweeps.timing([cell.family], timed, [cell.dtype], shapes=[(batch, k)], progress=False)
+    subjects = sweeps.timing_subjects(backend_names, compiled)
+    # An interrupted cell must not be stored as finished: the interrupt goes through.
+    return sweeps.timing([cell.family], subjects, [cell.dtype], shapes=[(batch, k)], progress=False, keep_partial=False)
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
             results[cell] = df
     reused = len(results)
     if not quiet:
-        print(f"kl-bench run: {len(cells)} cells, {reused} reused from {out}, {len(todo)} to compute", file=sys.stderr)
+        print(f"{len(cells)} cells: {reused} reused from {out}, {len(todo)} to compute", file=sys.stderr)
     progress = Progress(len(todo), quiet)
 
     def finished(cell, df):
@@ -155,22 +150,25 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
         results[cell] = load(out, cell)  # the tables always come from stored cells: a resumed run gives the same
         progress.step(cell.name)
 
+    # Accuracy cells may run anywhere at once; timing cells run here, one at a time, so that they
+    # measure this machine (the one environment.json describes) without contention.
+    spread = [c for c in todo if c.kind == "accuracy"] if (scheduler or jobs > 1) else []
+    here = [c for c in todo if c not in spread]
     try:
-        if scheduler:
+        if spread and scheduler:
             from distributed import Client, as_completed as dask_completed
 
             with Client(scheduler) as client:
-                futures = {client.submit(compute, c, backend_names, compiled, seed, pure=False): c for c in todo}
+                futures = {client.submit(compute, c, backend_names, compiled, seed, pure=False): c for c in spread}
                 for future in dask_completed(futures):
                     finished(futures[future], future.result())
-        elif jobs > 1:
+        elif spread:
             with ProcessPoolExecutor(jobs) as pool:
-                futures = {pool.submit(compute, c, backend_names, compiled, seed): c for c in todo}
+                futures = {pool.submit(compute, c, backend_names, compiled, seed): c for c in spread}
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
-        else:
-            for cell in todo:
-                finished(cell, compute(cell, backend_names, compiled, seed))
+        for cell in here:
+            finished(cell, compute(cell, backend_names, compiled, seed))
     finally:
         progress.close()
     return results, reused

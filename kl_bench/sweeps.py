@@ -196,20 +196,21 @@ TIMING_SHAPES = {
 TIMING_DTYPES = {"normal": ("float32",), "diag": ("float32",), "vae": ("float32",), "tril": ("float64",), "cov": ("float64",)}
 
 
-def timing_subjects(backend_names=None) -> list[Subject]:
+def timing_subjects(backend_names=None, compiled=True) -> list[Subject]:
     """What ``timing`` compares by default: this project's stable and naive kernels in every mode
-    that runs here, torch.distributions (Normal, Independent Normal, MultivariateNormal), numpyro
-    and the textbook formula in NumPy."""
-    subjects = available_subjects(backend_names, compiled=True)
+    that runs here (``compiled``: also under jax.jit and torch.compile), torch.distributions
+    (Normal, Independent Normal, MultivariateNormal), numpyro and the textbook formula in NumPy."""
+    subjects = available_subjects(backend_names, compiled=compiled)
     return [s for s in subjects if not (s.implementation == "torch.distributions" and s.method == "LowRank")]
 
 
-def timing(families=None, subjects=None, dtypes=None, sweep="quick", repeats=5, progress=True, shapes=None) -> pd.DataFrame:
+def timing(families=None, subjects=None, dtypes=None, sweep="quick", repeats=5, progress=True, shapes=None,
+           keep_partial=True) -> pd.DataFrame:
     """Seconds per call of every subject on every (family, shape, dtype) of ``TIMING_SHAPES[sweep]``
     (or of ``shapes``, a list of (B, k) for every family), with compile time, GB/s and the fraction of the measured ceiling (``kl_bench.timing``): a tidy
     DataFrame with the columns ``TIMING_COLUMNS``. ``dtypes`` defaults to float32 for the
     elementwise families and float64 for the full-covariance ones. Interrupted (Ctrl-C), it returns
-    the rows finished so far."""
+    the rows finished so far (``keep_partial``) or lets the interrupt through."""
     from . import timing as clock
 
     families = families or list(cases.DEFAULT_N)
@@ -233,6 +234,8 @@ def timing(families=None, subjects=None, dtypes=None, sweep="quick", repeats=5, 
                         except Exception as exc:  # a third party that cannot take these inputs
                             rows.append(base | {"error": describe(exc)})
     except KeyboardInterrupt:
+        if not keep_partial:
+            raise
         print("  timing interrupted: keeping the rows finished", file=sys.stderr)
     return pd.DataFrame(rows, columns=TIMING_COLUMNS)
 

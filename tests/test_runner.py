@@ -124,3 +124,21 @@ def test_failures_table_lists_stable_rows_outside_their_bound():
     acc = pd.DataFrame({"family": ["vae"], "subject": ["s"], "implementation": ["kl_bench"], "method": ["stable"], "dtype": ["float32"],
                         "regime": ["generic"], "param": [None], "max_ulps": [99.0], "bound": [4.0], "ok": [False], "error": [""]})
     assert len(report.failures({"accuracy": acc})) == 1
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    argv = ["run", "--backends", "numpy", "--families", "vae", "--dtypes", "float32", "--out", str(tmp_path), "--quiet"]
+    real = runner.compute
+
+    def interrupted(cell, *args):
+        if cell.part == "4096x64":
+            raise KeyboardInterrupt
+        return real(cell, *args)
+
+    monkeypatch.setattr(runner, "compute", interrupted)
+    assert cli.main(argv) == 130
+    assert "2 finished cells are stored" in capsys.readouterr().err
+    monkeypatch.setattr(runner, "compute", real)
+    assert cli.main(argv[:-1]) == 0
+    assert "2 reused" in capsys.readouterr().err
+    assert len(pd.read_parquet(tmp_path / "timing.parquet").groupby(["B", "k"])) == 3
