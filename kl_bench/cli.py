@@ -259,8 +259,11 @@ def cmd_recommend(args) -> int:
         print("nothing measured meets that requirement")
         return 1
     for rank, choice in zip(("fastest", "runner-up"), choices):
-        print(f"{rank}: {choice.subject}: {choice.seconds * 1e3:.3g} ms per call, worst error {choice.worst_ulps:.3g} ulps")
+        print(f"{rank}: {choice.subject}: {choice.seconds * 1e3:.3g} ms per call, worst error {choice.worst_ulps:.3g} ulps "
+              f"(at most {choice.worst_share:.2g} of the requirement on every case set)")
         print(f"    {choice.code}")
+    if len(choices) == 1:
+        print("runner-up: none other meets the requirement")
     return 0
 
 

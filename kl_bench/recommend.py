@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runner
+from . import fused, runner
 
 # One line of code per implementation; {f} is the family, {args} its arguments.
 CODE = {
@@ -38,6 +38,7 @@ class Choice:
     subject: str
     seconds: float
     worst_ulps: float
+    worst_share: float  # the largest error / requirement over the case sets
     code: str
 
 
@@ -53,7 +54,7 @@ def code_line(row: pd.Series, family: str) -> str:
         elif row["mode"] == "torch.compile":
             line = f"torch.compile({line.split('(')[0]})({ARGS[family]}{extra})"
         elif row["mode"] == "":
-            if row.backend in ("numpy", "torch") and family in ("vae", "diag") and row.method == "stable":
+            if fused.AVAILABLE and row.backend in ("numpy", "torch") and family in fused.FAMILIES and row.method == "stable":
                 line = f"with kl_bench.fused.use(False): {line}"
         note = f"  # {arrays} on {row.device}" + ('; pip install "kl-bench[numba]"' if row["mode"] == "numba" else "")
         line += note
@@ -81,9 +82,11 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     tim = tim[(tim.family == family) & (tim.dtype == dtype) & (tim.device == device) & (tim.B == batch) & (tim.k == k)
               & (tim.error.fillna("") == "")]
     limit = acc.bound if max_ulps is None else pd.Series(max_ulps, index=acc.index)
-    judged = acc[limit.notna()].assign(meets=lambda d: (d.max_ulps <= limit[d.index]) & (d.error.fillna("") == ""))
-    verdict = judged.groupby("subject").agg(meets=("meets", "all"), worst=("max_ulps", "max"))
+    judged = acc[limit.notna()].assign(meets=lambda d: (d.max_ulps <= limit[d.index]) & (d.error.fillna("") == ""),
+                                       share=lambda d: d.max_ulps / limit[d.index])
+    verdict = judged.groupby("subject").agg(meets=("meets", "all"), worst=("max_ulps", "max"), share=("share", "max"))
     good = verdict[verdict.meets]
     tim = tim[tim.subject.isin(good.index)].sort_values("seconds")
-    choices = [Choice(row.subject, row.seconds, float(good.worst[row.subject]), code_line(row, family)) for _, row in tim.iterrows()]
+    choices = [Choice(row.subject, row.seconds, float(good.worst[row.subject]), float(good.share[row.subject]), code_line(row, family))
+               for _, row in tim.iterrows()]
     return choices, len(missing)
