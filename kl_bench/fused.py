@@ -10,8 +10,8 @@ For finite float32 inputs every float64 row sum is finite (e^x is clamped to |x|
 beyond float32's range for the result), so a row whose sum is not finite held a NaN or an
 infinity: such rows are recomputed by the array path, and special values behave exactly as there.
 
-Used by ``kl_bench.kl`` for NumPy arrays and for Torch CPU tensors that need no gradient, when
-numba is installed; ``use(False)`` (or ``KL_BENCH_FUSED=0``) turns it off.
+Used by ``kl_bench.kl`` for NumPy arrays and Torch CPU tensors (with a backward pass for autograd),
+when numba is installed; ``use(False)`` (or ``KL_BENCH_FUSED=0``) turns it off.
 """
 
 from __future__ import annotations
@@ -47,15 +47,20 @@ def applies(be, family, arrays) -> bool:
     if not (AVAILABLE and _enabled.get() and family in FAMILIES):
         return False
     if be.name == "torch":
-        torch = be.torch
-        needs_grad = torch.is_grad_enabled() and any(a.requires_grad for a in arrays)
-        return not needs_grad and all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) == DTYPE
+        return all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) == DTYPE
     return be.name == "numpy" and arrays[0].dtype == np.float32
 
 
 def kl(be, family, arrays):
-    """The KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by the caller)."""
-    host = [np.asarray(a) for a in arrays] if be.name == "numpy" else [a.numpy() for a in arrays]
+    """The KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by the caller);
+    Torch tensors that need a gradient get it from ``_torch_function()``."""
+    if be.name == "torch" and be.torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
+        return _torch_function().apply(family, *arrays)
+    return _values(be, family, arrays)
+
+
+def _values(be, family, arrays):
+    host = [np.asarray(a) for a in arrays] if be.name == "numpy" else [a.detach().numpy() for a in arrays]
     shape = _common_shape([a.shape for a in host])
     host = [a if a.shape == shape else np.broadcast_to(a, shape) for a in host]  # read-only views
     if 0 in shape:
@@ -73,6 +78,51 @@ def kl(be, family, arrays):
             out[special] = pure(*(r[special] for r in rows))
         out = out.reshape(shape[:-1])
     return out if be.name == "numpy" else be.torch.from_numpy(out)
+
+
+def gradients(family, g, arrays):
+    """d KL / d each argument times ``g`` (the incoming gradient, one per batch element), in the
+    arguments' framework, broadcast as they were (the derivatives of the forms above):
+    vae:  loc, expm1(logvar) / 2;
+    diag: dmu e^-lq, expm1(x) / 2 and the negatives (minus the mean term for logvar_q),
+    x = logvar_p - logvar_q, dmu = loc_p - loc_q; 0 exactly at p == q."""
+    g = g[..., None]
+    if family == "vae":
+        loc, logvar = arrays
+        grads = [g * loc, g * (0.5 * logvar.expm1())]
+    else:
+        loc_p, logvar_p, loc_q, logvar_q = arrays
+        dmu = loc_p - loc_q
+        mean = dmu * (-logvar_q).exp()
+        half_expm1 = 0.5 * (logvar_p - logvar_q).expm1()
+        # dmu = 0 contributes 0 even where e^-logvar_q overflows (0 * inf would be NaN)
+        mean = mean.where(dmu != 0, 0.0)
+        grads = [g * mean, g * half_expm1, -g * mean, -g * (half_expm1 + (0.5 * dmu) * mean)]
+    return [grad.sum_to_size(a.shape) for grad, a in zip(grads, arrays)]
+
+
+@functools.cache
+def _torch_function():
+    import torch
+
+    from . import backends
+
+    class TorchKL(torch.autograd.Function):
+        """The fused forward pass with the derivatives of ``gradients`` as its backward pass."""
+
+        @staticmethod
+        def forward(ctx, family, *arrays):
+            ctx.family = family
+            ctx.save_for_backward(*arrays)
+            return _values(backends.get("torch"), family, arrays)
+
+        @staticmethod
+        def backward(ctx, g):
+            arrays = ctx.saved_tensors
+            grads = gradients(ctx.family, g.to(arrays[0].dtype), arrays)
+            return (None, *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[1:])))
+
+    return TorchKL
 
 
 def _common_shape(shapes):

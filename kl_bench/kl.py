@@ -2,8 +2,8 @@
 
 Each call finds the framework of its array arguments, checks their shapes, devices and dtypes,
 converts Python scalars and lists, broadcasts, computes half precision in float32, runs the kernel
-(compiled and cached on JAX; fused by numba for float32 NumPy arrays and Torch CPU tensors that
-need no gradient, where numba is installed: ``kl_bench.fused``) and raises ``ValueError`` for invalid values unless
+(compiled and cached on JAX; fused by numba for float32 NumPy arrays and Torch CPU tensors, where
+numba is installed: ``kl_bench.fused``) and raises ``ValueError`` for invalid values unless
 ``validate=False``.
 """
 

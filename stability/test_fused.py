@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import kl_bench
-from kl_bench import fused, metrics
+from kl_bench import cases, fused, gradients, metrics
 from kl_bench.cases import round_to
+from kl_bench.subjects import Subject
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
 
@@ -85,11 +86,51 @@ def test_broadcast_and_strided_inputs_as_on_the_array_path():
         np.testing.assert_allclose(fast, plain, rtol=1e-6)
 
 
-def test_torch_takes_the_array_path_when_a_gradient_is_needed():
+def test_torch_result_keeps_autograd_and_dtype():
     torch = pytest.importorskip("torch")
     loc = torch.zeros(2, 3, requires_grad=True)
     with fused.use(True):
         assert kl_bench.kl_vae(loc, torch.ones(2, 3)).grad_fn is not None
         with torch.no_grad():
             result = kl_bench.kl_vae(loc, torch.ones(2, 3))
-    assert result.grad_fn is None and result.dtype == torch.float32
+        half = kl_bench.kl_vae(loc.to(torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16))
+    assert result.grad_fn is None and result.dtype == torch.float32 and half.dtype == torch.bfloat16
+
+
+def test_torch_gradient_reduces_over_broadcast_arguments():
+    torch = pytest.importorskip("torch")
+    args = [torch.randn(4, 6, requires_grad=True), torch.randn(6, requires_grad=True), torch.zeros((), requires_grad=True),
+            torch.randn(1, 6, requires_grad=True)]
+    grads = {}
+    for on in (True, False):
+        with fused.use(on):
+            kl_bench.kl_diag(*args).sum().backward()
+        grads[on] = [a.grad.clone() for a in args]
+        for a in args:
+            a.grad = None
+    for fast, plain in zip(grads[True], grads[False]):
+        assert fast.shape == plain.shape
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+GRADIENT_CASES = [(f, r, p) for f in fused.FAMILIES for r, p in cases.regimes(f, "float32") if r in ("generic", "near-equal", "collapse")]
+
+
+@pytest.mark.parametrize("family, regime, param", GRADIENT_CASES, ids=[f"{f}-{r}-{p}" for f, r, p in GRADIENT_CASES])
+def test_torch_gradient_through_the_fused_kernel_within_64_ulps(family, regime, param):
+    subject = Subject("torch", mode="numba")
+    if subject.unavailable(family, "float32"):
+        pytest.skip(subject.unavailable(family, "float32"))
+    case = cases.generate(family, regime, "float32", param, n=8)
+    ulps, nonfinite = gradients.case_ulps(subject, case, gradients.exact_for(case))
+    assert not nonfinite.any() and ulps.max() <= 64.0, f"worst {ulps.max():.3g} ulps"
+
+
+@pytest.mark.parametrize("family", fused.FAMILIES)
+def test_torch_gradient_through_the_fused_kernel_is_zero_at_p_equal_q(family):
+    torch = pytest.importorskip("torch")
+    args = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
+    args = [torch.zeros(3, 5, requires_grad=True)] * 2 if family == "vae" else [args[0], args[1], args[0], args[1]]
+    with fused.use(True):
+        kl_bench.kl_vae(*args).sum().backward() if family == "vae" else kl_bench.kl_diag(*args).sum().backward()
+    assert all(torch.equal(a.grad, torch.zeros_like(a)) for a in args)
