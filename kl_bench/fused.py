@@ -60,13 +60,13 @@ def kl(be, family, arrays):
 
 
 def _values(be, family, arrays):
-    host = [np.asarray(a) for a in arrays] if be.name == "numpy" else [a.detach().numpy() for a in arrays]
+    host = arrays if be.name == "numpy" else [a.detach().numpy() for a in arrays]
     shape = _common_shape([a.shape for a in host])
     host = [a if a.shape == shape else np.broadcast_to(a, shape) for a in host]  # read-only views
     if 0 in shape:
         out = np.zeros(shape[:-1])
     else:
-        rows = [a.reshape(-1, shape[-1]) for a in host]
+        rows = host if len(shape) == 2 else [a.reshape(-1, shape[-1]) for a in host]
         out = np.empty(rows[0].shape[0])
         kernel = _kernels()[family, rows[0].size >= _PARALLEL_MIN]
         if not math.isfinite(kernel(*rows, out)):  # NaN or infinity in some rows: the array path decides
@@ -76,7 +76,8 @@ def _values(be, family, arrays):
             numpy_be = backends.get("numpy")
             pure = numpy_be.compile(lambda *xs: kernels.KERNELS[family](numpy_be, *xs, method="stable", check=False)[0])
             out[special] = pure(*(r[special] for r in rows))
-        out = out.reshape(shape[:-1])
+        if len(shape) != 2:
+            out = out.reshape(shape[:-1])
     return out if be.name == "numpy" else be.torch.from_numpy(out)
 
 

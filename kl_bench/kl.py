@@ -28,6 +28,7 @@ SIGNATURES = {
     "cov": (("loc_p", 1), ("cov_p", 2), ("loc_q", 1), ("cov_q", 2)),
 }
 FAMILIES = tuple(SIGNATURES)
+_NAMES = {family: [name for name, _ in signature] for family, signature in SIGNATURES.items()}
 
 
 def kl_normal(loc_p, scale_p, loc_q, scale_q, *, method="stable", validate=True):
@@ -58,7 +59,7 @@ def kl_cov(loc_p, cov_p, loc_q, cov_q, *, method="stable", validate=True):
 def _call(family, values, method, validate):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    names = [name for name, _ in SIGNATURES[family]]
+    names = _NAMES[family]
     be = _backend_of(names, values)
     arrays, result_dtype = _convert(be, names, values)
     arrays = _broadcast(be, family, names, arrays)
@@ -82,6 +83,8 @@ def _compiled(be, family, method, check):
 
 
 def _backend_of(names, values):
+    if all(type(x) is np.ndarray for x in values):  # the common case, decided cheaply
+        return backends.get("numpy")
     owners = {}
     for name, x in zip(names, values):
         b = backends.of(x)
@@ -111,7 +114,8 @@ def _convert(be, names, values):
                 x = np.asarray(x, dtype=np.float64)
             except (TypeError, ValueError) as err:
                 raise TypeError(f"{name} must be an array or a number, got {type(x).__name__}") from err
-        arrays.append(be.asarray(x, dtype=compute, device=device))
+        same = be.name == "numpy" and type(x) is np.ndarray and x.dtype == compute
+        arrays.append(x if same else be.asarray(x, dtype=compute, device=device))
     return arrays, result_dtype
 
 
