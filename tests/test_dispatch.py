@@ -107,3 +107,17 @@ def test_installed_backends_always_include_numpy():
     assert backends.installed()[0] == "numpy"
     with pytest.raises(ValueError, match="unknown backend"):
         backends.get("tensorflow")
+
+
+def test_jax_arrays_outside_jit_get_a_compiled_cached_kernel():
+    jnp = pytest.importorskip("jax.numpy")
+    from kl_bench import kl
+
+    kl._compiled.cache_clear()
+    loc = jnp.zeros((3, 4), dtype=jnp.float32)
+    kl_bench.kl_vae(loc, loc)
+    kl_bench.kl_vae(loc + 1, loc)
+    info = kl._compiled.cache_info()
+    assert info.misses == 1 and info.hits == 1  # compiled once, reused
+    compiled = kl._compiled(kl_bench.backends.get("jax"), "vae", "stable", True)
+    assert hasattr(compiled, "lower")  # a jax.jit-compiled function, not op-by-op evaluation
