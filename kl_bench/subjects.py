@@ -26,7 +26,7 @@ from .kl import FAMILIES
 DEVICES = ("cpu", "cuda")
 # How this project's kernels run, and the backends each way applies to.
 MODES = {
-    "": ("numpy", "torch", "jax"),  # as called, op by op (JAX compiles and caches the kernel itself)
+    "": ("numpy", "torch", "jax"),  # the array path, op by op (JAX compiles and caches the kernel itself)
     "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.fused
     "jax.jit": ("jax",),  # inside the caller's jit
     "torch.compile": ("torch",),
