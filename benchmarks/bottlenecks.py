@@ -16,17 +16,11 @@ import numpy as np
 
 import kl_bench
 from kl_bench import backends, kernels
-from kl_bench.timing import inputs
+from kl_bench.timing import inputs, median_seconds
 
 
-def median_ms(fn, sync=lambda x: x, repeats=7):
-    sync(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+def median_ms(fn, be=None):
+    return median_seconds(fn, be, repeats=7) * 1e3
 
 
 def xla_select():
@@ -43,7 +37,7 @@ def xla_select():
     print("| jax.jit, float32 4096 x 4096 | ms |\n|---|---|")
     for name, fn in forms.items():
         compiled = jax.jit(fn)
-        print(f"| `{name}` | {median_ms(lambda: compiled(x), jax.block_until_ready):.2f} |")
+        print(f"| `{name}` | {median_ms(lambda: compiled(x), backends.get('jax')):.2f} |")
 
 
 def torch_cov():

@@ -18,7 +18,7 @@ from kl_bench.subjects import registry
 ROUNDS = 5
 QUICK_SHAPES = {(4096, 64), (2048, 4096), (16, 256)}
 QUICK_FAMILIES = ("vae", "diag", "cov")
-SUBJECTS = [s for s in registry(compiled=True) if not (s.implementation == "torch.distributions" and s.method == "LowRank")]
+SUBJECTS = [s for s in registry(compiled=True) if sweeps.timed(s)]
 
 
 def _cases():

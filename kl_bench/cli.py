@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import backends, baseline, cases, sweeps
+from . import backends, baseline, cases, runner, sweeps
 from .backends import FLOAT_DTYPES
 from .kl import FAMILIES, METHODS
 
@@ -173,7 +173,7 @@ def _writable_dir(path: Path) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from . import report, runner
+    from . import report
 
     names, problem = _backends_or_error(args)
     if problem:
@@ -200,16 +200,17 @@ def cmd_run(args) -> int:
     frames = runner.tables({cell: results[cell] for cell in cells})
     runner.write_tables(out, frames)
     runner.write_environment(out, args.argv)
-    md, page = report.build(out)
+    md, page = report.build(out, frames)
     df = frames["accuracy"]
-    if len(df):
-        _print_table("Worst error in ulps of the output dtype (over backends, devices and parameters):", sweeps.worst_table(df))
+    worst = sweeps.worst_table(df) if len(df) else None
+    if worst is not None:
+        _print_table("Worst error in ulps of the output dtype (over backends, devices and parameters):", worst)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.csv, index=False)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(sweeps.worst_table(df)))
+        args.markdown.write_text(markdown(worst) if worst is not None else "")
     failed = report.failures(frames)
     print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
           f"(accuracy, timing; parquet and CSV), environment.json, {md.name}, {page.name}", file=sys.stderr)
@@ -235,7 +236,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    from . import recommend, runner
+    from . import recommend
 
     try:
         batch, k = (int(v) for v in args.shape.lower().split("x"))
@@ -246,9 +247,11 @@ def cmd_recommend(args) -> int:
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
-    source = args.source or runner.RUNS_DIR / "latest"
     if args.source is not None and not args.source.is_dir():
         return _usage_error(f"no such run directory: {args.source}")
+    latest = runner.RUNS_DIR / "latest"
+    # No run yet: start one (reports/runs/latest then points at it) rather than making "latest" a folder.
+    source = args.source or (latest if latest.is_dir() else runner.new_run_dir())
     if (problem := _writable_dir(source)):
         return _usage_error(problem)
     choices, measured = recommend.recommend(source, args.family, batch, k, args.dtype, args.device, args.max_ulps, names, args.quiet)
@@ -274,15 +277,12 @@ def cmd_accuracy(args) -> int:
     subjects = sweeps.available_subjects(names, tuple(args.methods), args.subjects, args.compiled)
     if not subjects:
         return _usage_error("no subject matches --subjects/--backends here")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return _usage_error(f"--out {args.out}: {exc.strerror}")
+    if (problem := _writable_dir(args.out)):
+        return _usage_error(problem)
     print(f"kl-bench accuracy: {args.sweep} sweep, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
     df = sweeps.accuracy(args.families, subjects, args.dtypes, args.sweep, args.seed, progress=not args.quiet)
-    df.to_csv(args.out / "accuracy.csv", index=False)
-    df.to_parquet(args.out / "accuracy.parquet", index=False)
+    runner.write_tables(args.out, {"accuracy": df})
     parts = []
     for dtype in [d for d in FLOAT_DTYPES if d in set(df.dtype)]:
         table = sweeps.headline(df, dtype)
@@ -290,8 +290,7 @@ def cmd_accuracy(args) -> int:
         parts.append(f"### {dtype}\n\n" + markdown(table))
     if args.gradients:
         grads = sweeps.gradients(args.families, subjects, progress=not args.quiet)
-        grads.to_csv(args.out / "gradients.csv", index=False)
-        grads.to_parquet(args.out / "gradients.parquet", index=False)
+        runner.write_tables(args.out, {"gradients": grads})
         table = sweeps.headline(grads.assign(dtype="float64"))
         _print_table("Worst gradient error, normwise ulps, float64 (over backends and parameters):", table)
         parts.append("### gradients, float64 (normwise ulps)\n\n" + markdown(table))
@@ -341,13 +340,13 @@ def cmd_check(args) -> int:
 def cmd_timing(args) -> int:
     if args.repeats < 1:
         return _usage_error(f"--repeats must be at least 1, got {args.repeats}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if (problem := _writable_dir(args.out)):
+        return _usage_error(problem)
     subjects = sweeps.timing_subjects(args.backends)
     print(f"kl-bench timing: {args.sweep} shapes, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
     df = sweeps.timing(args.families, subjects, args.dtypes, args.sweep, args.repeats, progress=not args.quiet)
-    df.to_csv(args.out / "timing.csv", index=False)
-    df.to_parquet(args.out / "timing.parquet", index=False)
+    runner.write_tables(args.out, {"timing": df})
     table = sweeps.speed_table(df)
     title = ("Stable kernel per shape and backend: ms per call, stable / textbook (same backend and mode), "
              "torch.distributions / stable (same device), GB/s of inputs, fraction of the measured ceiling:")

@@ -71,11 +71,11 @@ def _values(be, family, arrays):
         kernel = _kernels()[family, rows[0].size >= _PARALLEL_MIN]
         if not math.isfinite(kernel(*rows, out)):  # NaN or infinity in some rows: the array path decides
             special = ~np.isfinite(out)
-            from . import backends, kernels
+            from . import backends
+            from .kl import _compiled
 
-            numpy_be = backends.get("numpy")
-            pure = numpy_be.compile(lambda *xs: kernels.KERNELS[family](numpy_be, *xs, method="stable", check=False)[0])
-            out[special] = pure(*(r[special] for r in rows))
+            array_path = _compiled(backends.get("numpy"), family, "stable", False)
+            out[special] = array_path(*(r[special] for r in rows))[0]
         if len(shape) != 2:
             out = out.reshape(shape[:-1])
     return out if be.name == "numpy" else be.torch.from_numpy(out)

@@ -63,7 +63,8 @@ def code_line(row: pd.Series, family: str) -> str:
 
 def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: str = "cpu", max_ulps: float | None = None,
               backend_names=None, quiet: bool = False) -> tuple[list[Choice], int]:
-    """Qualifying subjects, fastest first, and how many cells were measured for it."""
+    """Qualifying subjects, fastest first, and how many cells were measured for it (not counting
+    cells an earlier call measured and stored)."""
     cells = [runner.Cell("accuracy", family, dtype, "quick"), runner.Cell("timing", family, dtype, f"{batch}x{k}")]
     frames = runner.read_tables(out) if out.exists() else {}
     have = {
@@ -72,9 +73,9 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
                                           & (frames["timing"].B == batch) & (frames["timing"].k == k)).any(),
     }
     missing = [c for c in cells if not have[c.kind]]
-    measured = {}
-    if missing:
-        results, _ = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
+    measured, reused = {}, 0
+    if missing:  # from the run's cells where an earlier recommend stored them, else measured now
+        results, reused = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
         measured = runner.tables(results)
     acc = pd.concat([frames.get("accuracy", pd.DataFrame()), measured.get("accuracy", pd.DataFrame())], ignore_index=True)
     tim = pd.concat([frames.get("timing", pd.DataFrame()), measured.get("timing", pd.DataFrame())], ignore_index=True)
@@ -89,4 +90,4 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     tim = tim[tim.subject.isin(good.index)].sort_values("seconds")
     choices = [Choice(row.subject, row.seconds, float(good.worst[row.subject]), float(good.share[row.subject]), code_line(row, family))
                for _, row in tim.iterrows()]
-    return choices, len(missing)
+    return choices, len(missing) - reused

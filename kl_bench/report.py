@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from . import sweeps
+from .backends import FLOAT_DTYPES
+from .timing import ELEMENTWISE
 
 PLOTS = {
     "error-vs-closeness": "Worst error (ulps, {dtype}) versus closeness of p and q",
@@ -45,7 +47,7 @@ def _panels(plt, families):
 
 
 def _legend(fig, axes):
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.values():
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
@@ -111,26 +113,23 @@ def plot_all(frames: dict[str, pd.DataFrame], plots_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         save(fig, "error-by-dtype")
+    def versus_size(frame, column, name, **axis):
+        """One line per subject of ``column`` against B x k, a panel per family."""
+        fig, axes = _panels(plt, sorted(set(frame.family)))
+        for family, ax in axes.items():
+            for subject, line in frame[frame.family == family].groupby("subject"):
+                line = line.sort_values("size")
+                ax.plot(line["size"], line[column], marker="o", ms=3, label=subject, color=color[subject])
+            ax.set(xscale="log", xlabel="B x k", title=family, **axis)
+        _legend(fig, axes)
+        save(fig, name)
+
     if len(tim):
         tim = tim[tim.error.fillna("") == ""].assign(size=lambda d: d.B * d.k)
-        fig, axes = _panels(plt, sorted(set(tim.family)))
-        for family, ax in axes.items():
-            for name, line in tim[tim.family == family].groupby("subject"):
-                line = line.sort_values("size")
-                ax.plot(line["size"], line.seconds, marker="o", ms=3, label=name, color=color[name])
-            ax.set(xscale="log", yscale="log", xlabel="B x k", ylabel="seconds", title=family)
-        _legend(fig, axes)
-        save(fig, "time-vs-size")
-        flat = tim[tim.family.isin(["normal", "diag", "vae"])]
+        versus_size(tim, "seconds", "time-vs-size", yscale="log", ylabel="seconds")
+        flat = tim[tim.family.isin(ELEMENTWISE)]
         if len(flat):
-            fig, axes = _panels(plt, sorted(set(flat.family)))
-            for family, ax in axes.items():
-                for name, line in flat[flat.family == family].groupby("subject"):
-                    line = line.sort_values("size")
-                    ax.plot(line["size"], line.roofline_fraction, marker="o", ms=3, label=name, color=color[name])
-                ax.set(xscale="log", xlabel="B x k", ylabel="fraction of copy bandwidth", title=family)
-            _legend(fig, axes)
-            save(fig, "bandwidth-fraction")
+            versus_size(flat, "roofline_fraction", "bandwidth-fraction", ylabel="fraction of copy bandwidth")
     return made
 
 
@@ -139,7 +138,7 @@ def sections(frames: dict[str, pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
     out = []
     acc = frames.get("accuracy")
     if acc is not None and len(acc):
-        for dtype in [d for d in ("float64", "float32", "float16", "bfloat16") if d in set(acc.dtype)]:
+        for dtype in [d for d in FLOAT_DTYPES if d in set(acc.dtype)]:
             out.append((f"Worst error in ulps, {dtype} (over backends, devices and parameters)", sweeps.headline(acc, dtype)))
     tim = frames.get("timing")
     if tim is not None and len(tim):
@@ -156,12 +155,13 @@ def failures(frames) -> pd.DataFrame:
     return bad[["family", "subject", "dtype", "regime", "param", "max_ulps", "bound", "error"]]
 
 
-def build(out: Path) -> tuple[Path, Path]:
-    """Write ``report.md``, ``report.html`` and ``plots/`` in ``out`` from its tables."""
+def build(out: Path, frames: dict[str, pd.DataFrame] | None = None) -> tuple[Path, Path]:
+    """Write ``report.md``, ``report.html`` and ``plots/`` in ``out`` from its tables (read from
+    ``out`` unless the caller already holds them)."""
     from .cli import markdown
     from .runner import read_tables
 
-    frames = read_tables(out)
+    frames = read_tables(out) if frames is None else frames
     if not frames:
         raise FileNotFoundError(f"no accuracy.parquet or timing.parquet in {out}")
     env_path = out / "environment.json"

@@ -142,3 +142,12 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     assert cli.main(argv[:-1]) == 0
     assert "2 reused" in capsys.readouterr().err
     assert len(pd.read_parquet(tmp_path / "timing.parquet").groupby(["B", "k"])) == 3
+
+
+def test_recommend_without_a_run_starts_one_behind_latest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["recommend", "--family", "vae", "--shape", "8x16", "--dtype", "float32", "--backends", "numpy", "--quiet"]
+    assert cli.main(argv) == 0 and "2 cells measured" in capsys.readouterr().out
+    latest = runner.RUNS_DIR / "latest"
+    assert latest.is_symlink() and (latest / "cells" / "timing-vae-float32-8x16.parquet").exists()
+    assert cli.main(argv) == 0 and "(from reports/runs/latest)" in capsys.readouterr().out  # reused, nothing measured
