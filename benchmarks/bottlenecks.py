@@ -16,7 +16,7 @@ import numpy as np
 
 import kl_bench
 from kl_bench import backends, kernels
-from kl_bench.timing import inputs, median_seconds
+from kl_bench.suite.timing import inputs, median_seconds
 
 
 def median_ms(fn, be=None):

@@ -1,6 +1,6 @@
 """pytest-benchmark suites: machine information and the ``quick`` marker."""
 
-from kl_bench import timing
+from kl_bench.suite import timing
 
 
 def pytest_configure(config):

@@ -10,8 +10,8 @@ import numpy as np
 
 import kl_bench
 from kl_bench import backends
-from kl_bench.subjects import Subject
-from kl_bench.timing import median_seconds
+from kl_bench.suite.subjects import Subject
+from kl_bench.suite.timing import median_seconds
 
 SHAPE = (4096, 4096)
 

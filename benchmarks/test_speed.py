@@ -7,25 +7,25 @@ torch.distributions, numpyro, the textbook in NumPy) x family x shape x dtype, g
 
 The timed call synchronises (CUDA, JAX) before returning; the first call (compilation) is timed
 apart and reported in extra_info with bytes, GB/s, flops and the fraction of the measured ceiling
-(kl_bench.timing, the same code as ``kl-bench timing``).
+(kl_bench.suite.timing, the same code as ``kl-bench timing``).
 """
 
 import pytest
 
-from kl_bench import sweeps, timing
-from kl_bench.subjects import registry
+from kl_bench.families import NAMES as FAMILIES
+from kl_bench.suite import timing
+from kl_bench.suite.subjects import registry
 
 ROUNDS = 5
 QUICK_SHAPES = {(4096, 64), (2048, 4096), (16, 256)}
 QUICK_FAMILIES = ("vae", "diag", "cov")
-SUBJECTS = [s for s in registry(compiled=True) if sweeps.timed(s)]
+SUBJECTS = [s for s in registry(compiled=True) if timing.timed(s)]
 
 
 def _cases():
-    for family, dtypes in sweeps.TIMING_DTYPES.items():
-        kind = "elementwise" if family in timing.ELEMENTWISE else "full"
-        for dtype in dtypes:
-            for batch, k in sweeps.TIMING_SHAPES["full"][kind]:
+    for family in FAMILIES:
+        for dtype in timing.default_dtypes(family):
+            for batch, k in timing.shapes(family, "full"):
                 for subject in SUBJECTS:
                     quick = family in QUICK_FAMILIES and (batch, k) in QUICK_SHAPES and subject.mode != "torch.compile"
                     yield pytest.param(subject, family, dtype, batch, k, id=f"{family}-{dtype}-{batch}x{k}-{subject.name}",

@@ -8,9 +8,10 @@ the framework's own dispatch; JAX calls are compiled once before timing and bloc
 
 
 import kl_bench
-from kl_bench import backends, cases
-from kl_bench.subjects import Subject
-from kl_bench.timing import median_seconds
+from kl_bench import backends
+from kl_bench.suite import cases
+from kl_bench.suite.subjects import Subject
+from kl_bench.suite.timing import median_seconds
 
 SHAPES = {"normal": 4096, "diag": 64, "vae": 64, "tril": 16, "cov": 16}  # batch size (k from the case sets)
 

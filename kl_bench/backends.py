@@ -9,6 +9,7 @@ compilation. A framework is imported only when its arrays were passed in or it w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -55,6 +56,11 @@ class Backend:
 
     def dtype_name(self, dtype) -> str:
         return _dtype_name(dtype)
+
+    def computing(self, dtype: str):
+        """A context in which arrays of ``dtype`` can be made and computed with (JAX needs
+        float64 switched on within it; the others need nothing)."""
+        return contextlib.nullcontext()
 
     def is_floating(self, dtype) -> bool:
         return self.dtype_name(dtype) in FLOAT_DTYPES
@@ -245,9 +251,9 @@ class JaxBackend(Backend):
 
         return jax
 
-    def enable_x64(self):
-        """JAX computes in float32 unless told otherwise; float64 inputs need this switch."""
-        self.jax.config.update("jax_enable_x64", True)
+    def computing(self, dtype):
+        # JAX computes in float32 unless told otherwise: switch float64 on for this block only.
+        return self.jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
     def dtype(self, name):
         return getattr(self.jax.numpy, name)

@@ -2,10 +2,10 @@
 
 - ``kl-bench run [--quick|--full]``: the main job: accuracy and timing of this project's kernels and
   every installed third party, cell by cell (resumable, ``--jobs``, ``--scheduler``), into tables
-  and a report (``kl_bench.runner``, ``kl_bench.report``); exit 1 if a stable kernel misses its bound.
+  and a report (``kl_bench.suite.runner``, ``kl_bench.suite.report``); exit 1 if a stable kernel misses its bound.
 - ``kl-bench report DIR``: rebuild a run's report from its tables.
 - ``kl-bench recommend --family F --shape BxK --dtype D``: the fastest subject meeting an accuracy
-  requirement (``kl_bench.recommend``).
+  requirement (``kl_bench.suite.recommend``).
 - ``kl-bench accuracy``: an accuracy sweep (quick, closeness, conditioning, dimension, full) written
   as CSV and parquet, with the headline table printed.
 - ``kl-bench baseline``: rewrite the accuracy baseline (``reports/accuracy-baseline.csv``).
@@ -28,9 +28,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import backends, baseline, cases, runner, sweeps
+from . import backends
 from .backends import FLOAT_DTYPES
-from .kl import FAMILIES, METHODS
+from .families import NAMES as FAMILIES
+from .kl import METHODS
+from .suite import baseline, cases, runner, tables, timing
+from .suite.accuracy import accuracy_sweep
+from .suite.gradients import gradient_sweep
+from .suite.subjects import available
 
 
 def _choices(kind, allowed):
@@ -57,6 +62,12 @@ def _selection(parser, methods=True):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_report, _add_recommend, _add_accuracy, _add_baseline, _add_check, _add_timing):
+        add(sub)
+    return parser
+
+
+def _add_run(sub):
     run = sub.add_parser(
         "run",
         help="the main job: accuracy and timing of every installed backend -> tables and a report",
@@ -77,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--csv", type=Path, help="also write the accuracy table here")
     run.add_argument("--markdown", type=Path, help="also write the worst-ulps table here as Markdown")
 
+
+def _add_report(sub):
     rep = sub.add_parser("report", help="rebuild a run's report from its tables",
                          description="Rebuilds report.md, report.html and plots/ in DIR from DIR's tables alone.")
     rep.add_argument("dir", type=Path)
 
+
+def _add_recommend(sub):
     rec = sub.add_parser("recommend", help="the fastest subject meeting an accuracy requirement at a shape",
                          description="Prints the fastest subject (backend, mode, implementation) whose worst error on every "
                          "case set of the family and dtype is within --max-ulps (default: this project's promised bound "
@@ -96,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
     rec.add_argument("--quiet", action="store_true", help="no progress lines")
 
+
+def _add_accuracy(sub):
     acc = sub.add_parser("accuracy", help="an accuracy sweep -> CSV and parquet",
                          description="Every subject on every case set of a sweep; writes DIR/accuracy.csv and "
                          "DIR/accuracy.parquet and prints the worst ulps per subject and regime.")
@@ -109,12 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--gradients", action="store_true",
                      help="also measure autodiff gradients against exact ones (float64; equal, near-equal, collapse) -> DIR/gradients.csv/.parquet")
 
+
+def _add_baseline(sub):
     base = sub.add_parser("baseline", help="rewrite the accuracy baseline from the quick sweep",
                           description="Recomputes the quick sweep of this project's stable kernels on every "
                           "installed backend and rewrites the accuracy baseline that stability/test_baseline.py guards.")
-    base.add_argument("--out", type=Path, default=baseline.DEFAULT_PATH, help="baseline CSV (default: reports/accuracy-baseline.csv)")
+    base.add_argument("--out", type=Path, help="baseline CSV (default: reports/accuracy-baseline.csv of this checkout, "
+                      "or under the current directory when kl-bench is installed from a package)")
+    base.add_argument("--merge", action="store_true", help="keep, per case set, the worse of the existing baseline and this "
+                      "machine's result (linear algebra rounds differently on other CPUs)")
     base.add_argument("--quiet", action="store_true", help="no progress lines")
 
+
+def _add_check(sub):
     chk = sub.add_parser("check", help="judge a KL implementation: kl-bench check MODULE:FUNCTION --family F",
                          description="Calls MODULE:FUNCTION like kl_bench.kl_<family> on every quick case set and "
                          "fails (exit 1) on a wrong shape, a negative, NaN or inf result where the exact KL is finite, or "
@@ -126,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--max-ulps", type=float, default=64.0)
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _add_timing(sub):
     tim = sub.add_parser("timing", help="a timing sweep -> CSV and parquet",
                          description="Times every subject (this project's stable and naive kernels in every mode, "
                          "torch.distributions, numpyro, the textbook in NumPy) on the shapes of a sweep; writes "
@@ -135,12 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
     tim.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES),
                      help="comma-separated (default: float32 for normal, diag, vae; float64 for tril, cov)")
-    tim.add_argument("--sweep", choices=tuple(sweeps.TIMING_SHAPES), default="quick", help="which shapes (default: quick)")
+    tim.add_argument("--sweep", choices=tuple(timing.SHAPES), default="quick", help="which shapes (default: quick)")
     tim.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least (default: 5)")
     tim.add_argument("--out", type=Path, default=Path("reports"), help="directory for timing.csv / .parquet (default: reports)")
     tim.add_argument("--markdown", type=Path, help="also write the speed table here as Markdown")
     tim.add_argument("--quiet", action="store_true", help="no progress lines")
-    return parser
 
 
 def main(argv=None) -> int:
@@ -173,7 +199,7 @@ def _writable_dir(path: Path) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from . import report
+    from .suite import report
 
     names, problem = _backends_or_error(args)
     if problem:
@@ -197,12 +223,12 @@ def cmd_run(args) -> int:
         print(f"\ninterrupted: {done} finished cells are stored in {out}; the same command with --out {out} resumes",
               file=sys.stderr)
         return 130
-    frames = runner.tables({cell: results[cell] for cell in cells})
-    runner.write_tables(out, frames)
+    frames = runner.frames({cell: results[cell] for cell in cells})
+    tables.write(out, frames)
     runner.write_environment(out, args.argv)
     md, page = report.build(out, frames)
     df = frames["accuracy"]
-    worst = sweeps.worst_table(df) if len(df) else None
+    worst = tables.worst_table(df) if len(df) else None
     if worst is not None:
         _print_table("Worst error in ulps of the output dtype (over backends, devices and parameters):", worst)
     if args.csv:
@@ -210,7 +236,7 @@ def cmd_run(args) -> int:
         df.to_csv(args.csv, index=False)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(worst) if worst is not None else "")
+        args.markdown.write_text(tables.markdown(worst) if worst is not None else "")
     failed = report.failures(frames)
     print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
           f"(accuracy, timing; parquet and CSV), environment.json, {md.name}, {page.name}", file=sys.stderr)
@@ -223,7 +249,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import report
+    from .suite import report
 
     if not args.dir.is_dir():
         return _usage_error(f"no such directory: {args.dir}")
@@ -236,7 +262,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_recommend(args) -> int:
-    from . import recommend
+    from .suite import recommend
 
     try:
         batch, k = (int(v) for v in args.shape.lower().split("x"))
@@ -274,26 +300,26 @@ def cmd_accuracy(args) -> int:
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
-    subjects = sweeps.available_subjects(names, tuple(args.methods), args.subjects, args.compiled)
+    subjects = available(names, tuple(args.methods), args.subjects, args.compiled)
     if not subjects:
         return _usage_error("no subject matches --subjects/--backends here")
     if (problem := _writable_dir(args.out)):
         return _usage_error(problem)
     print(f"kl-bench accuracy: {args.sweep} sweep, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
-    df = sweeps.accuracy(args.families, subjects, args.dtypes, args.sweep, args.seed, progress=not args.quiet)
-    runner.write_tables(args.out, {"accuracy": df})
+    df = accuracy_sweep(args.families, subjects, args.dtypes, args.sweep, args.seed, progress=not args.quiet)
+    tables.write(args.out, {"accuracy": df})
     parts = []
     for dtype in [d for d in FLOAT_DTYPES if d in set(df.dtype)]:
-        table = sweeps.headline(df, dtype)
+        table = tables.headline(df, dtype)
         _print_table(f"Worst error in ulps, {dtype} (over backends, devices and parameters):", table)
-        parts.append(f"### {dtype}\n\n" + markdown(table))
+        parts.append(f"### {dtype}\n\n" + tables.markdown(table))
     if args.gradients:
-        grads = sweeps.gradients(args.families, subjects, progress=not args.quiet)
-        runner.write_tables(args.out, {"gradients": grads})
-        table = sweeps.headline(grads.assign(dtype="float64"))
+        grads = gradient_sweep(args.families, subjects, progress=not args.quiet)
+        tables.write(args.out, {"gradients": grads})
+        table = tables.headline(grads.assign(dtype="float64"))
         _print_table("Worst gradient error, normwise ulps, float64 (over backends and parameters):", table)
-        parts.append("### gradients, float64 (normwise ulps)\n\n" + markdown(table))
+        parts.append("### gradients, float64 (normwise ulps)\n\n" + tables.markdown(table))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text("\n".join(parts))
@@ -307,15 +333,16 @@ def cmd_accuracy(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    subjects = sweeps.available_subjects(names=["kl_bench.stable"])
-    df = sweeps.accuracy(None, subjects, None, "quick", progress=not args.quiet)
-    table = baseline.write(df, args.out)
-    print(f"{len(table)} rows ({', '.join(sorted(set(table.subject)))}) -> {args.out}")
+    subjects = available(names=["kl_bench.stable"])
+    df = accuracy_sweep(None, subjects, None, "quick", progress=not args.quiet)
+    path = args.out or baseline.default_path()
+    table = baseline.write(df, path, merge=args.merge)
+    print(f"{len(table)} rows ({', '.join(sorted(set(table.subject)))}) -> {path}")
     return 0
 
 
 def cmd_check(args) -> int:
-    from .checker import check
+    from .suite.checker import check
 
     module_name, _, attribute = args.target.partition(":")
     if not module_name or not attribute:
@@ -342,52 +369,31 @@ def cmd_timing(args) -> int:
         return _usage_error(f"--repeats must be at least 1, got {args.repeats}")
     if (problem := _writable_dir(args.out)):
         return _usage_error(problem)
-    subjects = sweeps.timing_subjects(args.backends)
+    subjects = timing.default_subjects(args.backends)
     print(f"kl-bench timing: {args.sweep} shapes, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
-    df = sweeps.timing(args.families, subjects, args.dtypes, args.sweep, args.repeats, progress=not args.quiet)
-    runner.write_tables(args.out, {"timing": df})
-    table = sweeps.speed_table(df)
+    df = timing.timing_sweep(args.families, subjects, args.dtypes, args.sweep, args.repeats, progress=not args.quiet)
+    tables.write(args.out, {"timing": df})
+    table = tables.speed_table(df)
     title = ("Stable kernel per shape and backend: ms per call, stable / textbook (same backend and mode), "
              "torch.distributions / stable (same device), GB/s of inputs, fraction of the measured ceiling:")
     _print_table(title, table)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(table))
+        args.markdown.write_text(tables.markdown(table))
     print(f"\n{len(df)} rows in {time.perf_counter() - start:.1f} s -> {args.out / 'timing.csv'}, {args.out / 'timing.parquet'}",
           file=sys.stderr)
     return 0
 
 
 def _print_table(title: str, table: pd.DataFrame) -> None:
-    with pd.option_context("display.width", 250, "display.max_rows", 500, "display.max_columns", 50, "display.float_format", _fmt):
+    with pd.option_context("display.width", 250, "display.max_rows", 500, "display.max_columns", 50, "display.float_format", tables.fmt):
         print(f"\n{title}")
         print(table.to_string())
 
 
 COMMANDS = {"run": cmd_run, "accuracy": cmd_accuracy, "baseline": cmd_baseline, "check": cmd_check, "timing": cmd_timing,
             "report": cmd_report, "recommend": cmd_recommend}
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A Markdown table of a pivot (no extra dependency)."""
-
-    def label(value):
-        return " / ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-    headers = [" / ".join(map(str, table.index.names))] + [label(c).replace(" / ", " ") for c in table.columns]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for index, row in table.iterrows():
-        lines.append("| " + label(index) + " | " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: float) -> str:
-    if pd.isna(v):
-        return "-"
-    if v == float("inf"):
-        return "inf"
-    return f"{v:.3g}" if v < 1e4 else f"{v:.1e}"
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ elements with that invalid input (only when ``check`` is true; a dict of arrays,
 through ``jax.jit``). Elements with invalid inputs come out NaN, so a compiled
 caller that cannot raise still never returns a wrong number.
 
-``method="stable"`` is the cancellation-free form of DESIGN.md section 2: every term is >= 0, so
-nothing cancels and the relative error of the result is that of its terms.
+``method="stable"`` is the cancellation-free form of docs/design.md ("The cancellation-free
+forms"): every term is >= 0, so nothing cancels and the relative error of the result is that of
+its terms.
 ``method="naive"`` is the textbook formula as users write it, kept for comparison.
 
 Branches are selected with ``where``; the input of each branch is first replaced by a harmless
@@ -18,6 +19,7 @@ inf or NaN that autodiff would turn into a NaN gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 
 # phi(x) = e^x - 1 - x enters every KL halved, and half_phi(x) = phi(x)/2 is what is computed
@@ -296,3 +298,9 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
 
 
 KERNELS = {"normal": kl_normal, "diag": kl_diag, "vae": kl_vae, "tril": kl_tril, "cov": kl_cov}
+
+
+@functools.cache
+def compiled(be, family, method, check):
+    """The kernel of ``family`` in ``be``'s compiled form (``jax.jit`` on JAX), made once and cached."""
+    return be.compile(functools.partial(KERNELS[family], be, method=method, check=check))

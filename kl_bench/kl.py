@@ -2,33 +2,20 @@
 
 Each call finds the framework of its array arguments, checks their shapes, devices and dtypes,
 converts Python scalars and lists, broadcasts, computes half precision in float32, runs the kernel
-(compiled and cached on JAX; fused by numba for float32 NumPy arrays and Torch CPU tensors, where
-numba is installed: ``kl_bench.fused``) and raises ``ValueError`` for invalid values unless
+(compiled and cached on JAX), or the accelerated kernel that ``kl_bench.accel`` selects for the
+arrays, and raises ``ValueError`` for invalid values unless
 ``validate=False``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from . import backends, fused, kernels
+from . import accel, backends, families, kernels
 from .backends import HALF_DTYPES
 
 METHODS = ("stable", "naive")
-
-# Argument names and how many trailing axes each holds per batch element:
-# 0 elementwise, 1 a vector of length k, 2 a k x k matrix.
-SIGNATURES = {
-    "normal": (("loc_p", 0), ("scale_p", 0), ("loc_q", 0), ("scale_q", 0)),
-    "diag": (("loc_p", 1), ("logvar_p", 1), ("loc_q", 1), ("logvar_q", 1)),
-    "vae": (("loc", 1), ("logvar", 1)),
-    "tril": (("loc_p", 1), ("tril_p", 2), ("loc_q", 1), ("tril_q", 2)),
-    "cov": (("loc_p", 1), ("cov_p", 2), ("loc_q", 1), ("cov_q", 2)),
-}
-FAMILIES = tuple(SIGNATURES)
-_NAMES = {family: [name for name, _ in signature] for family, signature in SIGNATURES.items()}
+FAMILIES = families.NAMES
 
 
 def kl_normal(loc_p, scale_p, loc_q, scale_q, *, method="stable", validate=True):
@@ -59,27 +46,22 @@ def kl_cov(loc_p, cov_p, loc_q, cov_q, *, method="stable", validate=True):
 def _call(family, values, method, validate):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    names = _NAMES[family]
-    be = _backend_of(names, values)
-    arrays, result_dtype = _convert(be, names, values)
-    arrays = _broadcast(be, family, names, arrays)
+    fam = families.TABLE[family]
+    be = _backend_of(fam.names, values)
+    arrays, result_dtype = _convert(be, fam.names, values)
+    arrays = _broadcast(be, fam, arrays)
     traced = any(be.is_traced(x) for x in arrays)
     if traced:  # inside the caller's jax.jit or torch.compile: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
-    elif method == "stable" and fused.applies(be, family, arrays):
-        kl, problems = fused.kl(be, family, arrays), {}  # these families have no invalid values
+    elif (kernel := accel.select(be, family, method, arrays)) is not None:
+        kl, problems = kernel.kl(be, family, arrays), {}  # accelerated families have no invalid values
     else:
-        kl, problems = _compiled(be, family, method, validate)(*arrays)
+        kl, problems = kernels.compiled(be, family, method, validate)(*arrays)
     if validate and not traced:
         _raise_problems(be, problems)
     if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):
         kl = be.xp.astype(kl, result_dtype)
     return kl
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(be, family, method, check):
-    return be.compile(functools.partial(kernels.KERNELS[family], be, method=method, check=check))
 
 
 def _backend_of(names, values):
@@ -119,16 +101,16 @@ def _convert(be, names, values):
     return arrays, result_dtype
 
 
-def _broadcast(be, family, names, arrays):
-    core = dict(SIGNATURES[family])
+def _broadcast(be, fam, arrays):
+    names, core = fam.names, dict(zip(fam.names, fam.core_ndims))
     shapes = {name: tuple(x.shape) for name, x in zip(names, arrays)}
-    if family in ("normal", "diag", "vae"):
+    if not fam.full:
         try:
             first = next(iter(shapes.values()))
             shape = first if all(s == first for s in shapes.values()) else np.broadcast_shapes(*shapes.values())
         except ValueError:
             raise ValueError(f"shapes do not broadcast: {_listing(shapes)}") from None
-        if family != "normal" and len(shape) == 0:
+        if not fam.elementwise and len(shape) == 0:
             raise ValueError(f"{names[0]} and the others must have a last axis of length k, got {_listing(shapes)}")
         return arrays  # elementwise operations broadcast by themselves
     mat_names = [n for n in names if core[n] == 2]

@@ -6,14 +6,19 @@
 - fixture ``kl_subject``: parametrised over every backend x device x mode x method of this
   project (mode "numba": the fused CPU kernels); absent frameworks and devices skip with the reason.
 - fixture ``kl_target``: the same with ``method="stable"``.
+
+It loads in every pytest session where kl-bench is installed, so it changes nothing there
+(environment, JAX or Torch settings, warning filters) unless the session uses kl-bench's options
+or fixtures: only then does it apply kl-bench's workaround for an XLA CPU hang
+(``backends.avoid_xla_cpu_hang``, which acts only if JAX is not imported yet). Its own imports
+are light: the suite is imported when a kl-bench fixture is used.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from . import backends
-from .subjects import Subject, ours
+FIXTURES = ("kl_subject", "kl_target", "kl_dtype_skip")
 
 
 def pytest_addoption(parser):
@@ -27,13 +32,19 @@ def _selected(config, option):
 
 
 def pytest_configure(config):
-    backends.avoid_xla_cpu_hang()
+    if not (_selected(config, "--kl-backend") or _selected(config, "--kl-device")):
+        return  # a session that does not use kl-bench's options
+    from . import backends
+
     unknown = _selected(config, "--kl-backend") - set(backends.BACKENDS)
     if unknown:
         raise pytest.UsageError(f"--kl-backend: unknown {', '.join(sorted(unknown))}; known: {', '.join(backends.BACKENDS)}")
+    backends.avoid_xla_cpu_hang()
 
 
 def _params(config, methods):
+    from .suite.subjects import ARRAY, ours
+
     wanted_backends = _selected(config, "--kl-backend")
     wanted_devices = _selected(config, "--kl-device")
     params = []
@@ -44,13 +55,17 @@ def _params(config, methods):
             continue
         reason = subject.unavailable()
         marks = [pytest.mark.skip(reason=reason)] if reason else []
-        ident = "-".join([subject.backend, subject.device] + [subject.mode] * bool(subject.mode)
+        ident = "-".join([subject.backend, subject.device] + [subject.mode] * (subject.mode != ARRAY)
                          + [subject.method] * (len(methods) > 1))
         params.append(pytest.param(subject, id=ident, marks=marks))
     return params
 
 
 def pytest_generate_tests(metafunc):
+    if any(name in metafunc.fixturenames for name in FIXTURES):  # the session uses kl-bench's fixtures
+        from . import backends
+
+        backends.avoid_xla_cpu_hang()
     if "kl_subject" in metafunc.fixturenames:
         metafunc.parametrize("kl_subject", _params(metafunc.config, ("stable", "naive")))
     if "kl_target" in metafunc.fixturenames:
@@ -61,7 +76,7 @@ def pytest_generate_tests(metafunc):
 def kl_dtype_skip():
     """Call with (subject, dtype[, family]) to skip when the subject lacks the dtype or family."""
 
-    def check(subject: Subject, dtype: str, family: str | None = None):
+    def check(subject, dtype: str, family: str | None = None):
         reason = subject.unavailable(family=family, dtype=dtype)
         if reason:
             pytest.skip(reason)

@@ -7,9 +7,9 @@ The bounds (kl_bench.bounds) are asserted for method="stable"; method="naive" is
 import numpy as np
 import pytest
 
-from kl_bench import cases, sweeps
 from kl_bench.backends import FLOAT_DTYPES
-from kl_bench.kl import FAMILIES
+from kl_bench.families import NAMES as FAMILIES
+from kl_bench.suite import accuracy, cases
 
 from .conftest import case_set
 
@@ -30,8 +30,8 @@ def _describe(case, err, i):
 def test_stable_kernel_within_bound(kl_target, kl_dtype_skip, family, dtype, regime, param):
     kl_dtype_skip(kl_target, dtype, family)
     case = case_set(family, regime, dtype, param)
-    err = sweeps.errors(kl_target, case)
-    limit = sweeps.case_bounds(case)
+    err = accuracy.errors(kl_target, case)
+    limit = accuracy.case_bounds(case)
     assert not err["nan"].any(), _describe(case, err, int(np.argmax(err["nan"])))
     assert not err["negative"].any(), _describe(case, err, int(np.argmax(err["negative"])))
     excess = np.where(np.isnan(limit), -np.inf, err["ulps"] - limit)
@@ -59,7 +59,7 @@ def test_cov_where_p_is_much_narrower_than_q(kl_target):
     s_q = cases.random_spd(rng, np.tile(np.logspace(0, -np.log10(2.0), k), (n, 1)))
     arrays = (rng.normal(size=(n, k)), s_p, rng.normal(size=(n, k)), s_q)
     case = cases.CaseSet("cov", "p-narrow", None, "float64", k, 42, arrays, np.linalg.cond(s_q))
-    err = sweeps.errors(kl_target, case)
-    limit = sweeps.case_bounds(case) + np.linalg.cond(s_p)
+    err = accuracy.errors(kl_target, case)
+    limit = accuracy.case_bounds(case) + np.linalg.cond(s_p)
     worst = int(np.argmax(err["ulps"] - limit))
     assert err["ulps"][worst] <= limit[worst], _describe(case, err, worst)

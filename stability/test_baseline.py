@@ -3,9 +3,10 @@ recomputed on the quick sweep, must stay within max(baseline + 1, 2 x baseline) 
 Refresh it on purpose with ``kl-bench baseline``."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from kl_bench import baseline, subjects, sweeps
+from kl_bench.suite import accuracy, baseline, subjects
 
 BASELINE = baseline.read()
 
@@ -17,7 +18,7 @@ def test_stable_subject_is_no_worse_than_its_baseline(name):
     if reason:
         pytest.skip(reason)
     mine = BASELINE[BASELINE.subject == name]
-    current = sweeps.accuracy(sorted(set(mine.family)), [subject], sorted(set(mine.dtype)), progress=False)
+    current = accuracy.accuracy_sweep(sorted(set(mine.family)), [subject], sorted(set(mine.dtype)), progress=False)
     compared = baseline.build(current).merge(mine, on=baseline.KEY)
     assert len(compared) == len(mine), "case sets of the baseline are missing from the sweep"
     worse = baseline.regressions(current, mine)
@@ -35,15 +36,27 @@ def test_regressions_flags_only_what_is_beyond_both_allowances():
 
 
 def test_a_kernel_that_loses_digits_is_caught(monkeypatch):
-    from kl_bench import kernels, kl
+    from kl_bench import kernels
 
     naive_vae = kernels.KERNELS["vae"]
     monkeypatch.setitem(kernels.KERNELS, "vae", lambda be, *a, method, check: naive_vae(be, *a, method="naive", check=check))
-    kl._compiled.cache_clear()
+    kernels.compiled.cache_clear()
     try:
         numpy = subjects.Subject("numpy")
-        current = sweeps.accuracy(["vae"], [numpy], ["float64"], progress=False)
+        current = accuracy.accuracy_sweep(["vae"], [numpy], ["float64"], progress=False)
         worse = baseline.regressions(current, BASELINE)
     finally:
-        kl._compiled.cache_clear()
+        kernels.compiled.cache_clear()
     assert set(worse.regime) >= {"collapse"}
+
+
+def test_merge_keeps_the_worse_of_each_case_set_and_every_row(tmp_path):
+    path = tmp_path / "baseline.csv"
+    sweep = BASELINE.head(3).assign(implementation="kl_bench", method="stable", error="")
+    baseline.write(sweep.assign(max_ulps=[1.0, 5.0, 2.0]), path)
+    other = sweep.iloc[1:].assign(max_ulps=[3.0, 4.0])  # another machine: one case set better, one worse
+    merged = baseline.write(other, path, merge=True)
+    assert len(merged) == 3 and len(baseline.read(path)) == 3
+    by_key = baseline.read(path).set_index(["family", "regime", "dtype"]).max_ulps
+    expected = sweep.assign(max_ulps=[1.0, 5.0, 4.0]).set_index(["family", "regime", "dtype"]).max_ulps
+    pd.testing.assert_series_equal(by_key.sort_index(), expected.sort_index(), check_dtype=False)

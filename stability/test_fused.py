@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import kl_bench
-from kl_bench import cases, fused, gradients, metrics
-from kl_bench.cases import round_to
-from kl_bench.subjects import Subject
+from kl_bench import accel, families
+from kl_bench.suite import cases, gradients, metrics
+from kl_bench.suite.cases import round_to
+from kl_bench.suite.subjects import Subject
 
-pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not accel.REGISTRY["numba"].available(), reason="numba is not installed")
 
 # logvar from 1e-30 to beyond the float32 overflow of e^x / 2, both signs, dense where the
 # forms of e^x - 1 - x change (|x| = ln(2) / 2) and where the result overflows.
@@ -31,7 +32,7 @@ def test_vae_within_an_ulp_everywhere():
     loc = round_to(rng.choice([0.0, 1e-20, 0.3, 7.0, 1e18], size=LOGVARS.size), "float32")
     with mpmath.workprec(300):
         exact = [_half_phi(mpmath.mpf(float(x))) + mpmath.mpf(float(m)) ** 2 / 2 for m, x in zip(loc, LOGVARS)]
-    with fused.use(True):
+    with accel.use("numba"):
         computed = kl_bench.kl_vae(loc[:, None].astype(np.float32), LOGVARS[:, None].astype(np.float32))
     assert computed.dtype == np.float32
     errors = _ulps(computed, exact)
@@ -54,21 +55,21 @@ def test_diag_within_an_ulp_on_extreme_inputs():
                 a, b, c, d = (mpmath.mpf(float(v)) for v in (a, b, c, d))
                 total += _half_phi(b - d) + (a - c) ** 2 * mpmath.exp(-d) / 2
             exact.append(total)
-    with fused.use(True):
+    with accel.use("numba"):
         computed = kl_bench.kl_diag(*(a.astype(np.float32) for a in (mp, lp, mq, lq)))
     errors = _ulps(computed, exact)
     assert errors.max() <= 1.0, f"row {int(np.argmax(errors))}: {errors.max():.3g} ulps"
 
 
-@pytest.mark.parametrize("family", fused.FAMILIES)
+@pytest.mark.parametrize("family", families.with_kernel("numba"))
 def test_special_values_as_on_the_array_path(family):
     special = np.array([np.nan, np.inf, -np.inf, 1e38, -1e38, 89.4, 0.0], dtype=np.float32)
     grid = np.stack(np.meshgrid(*[special] * (2 if family == "vae" else 4), indexing="ij"), axis=-1).reshape(-1, 1, 2 if family == "vae" else 4)
     args = [np.ascontiguousarray(grid[..., i]) for i in range(grid.shape[-1])]
     fn = getattr(kl_bench, f"kl_{family}")
-    with fused.use(True):
+    with accel.use("numba"):
         fast = fn(*args, validate=False)
-    with fused.use(False):
+    with accel.use("array"):
         plain = fn(*args, validate=False)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(plain))
     np.testing.assert_allclose(fast, plain, rtol=1e-6)  # the array path rounds more than once
@@ -79,9 +80,9 @@ def test_broadcast_and_strided_inputs_as_on_the_array_path():
     loc = rng.normal(size=(5, 8)).astype(np.float32)
     logvar = rng.normal(size=(8, 5)).astype(np.float32).T  # not contiguous
     for args in [(loc, logvar, 0.0, 0.0), (loc[:, ::2], logvar[:, ::2], loc[0, ::2], np.float32(0.5))]:
-        with fused.use(True):
+        with accel.use("numba"):
             fast = kl_bench.kl_diag(*args)
-        with fused.use(False):
+        with accel.use("array"):
             plain = kl_bench.kl_diag(*args)
         np.testing.assert_allclose(fast, plain, rtol=1e-6)
 
@@ -89,7 +90,7 @@ def test_broadcast_and_strided_inputs_as_on_the_array_path():
 def test_torch_result_keeps_autograd_and_dtype():
     torch = pytest.importorskip("torch")
     loc = torch.zeros(2, 3, requires_grad=True)
-    with fused.use(True):
+    with accel.use("numba"):
         assert kl_bench.kl_vae(loc, torch.ones(2, 3)).grad_fn is not None
         with torch.no_grad():
             result = kl_bench.kl_vae(loc, torch.ones(2, 3))
@@ -103,7 +104,7 @@ def test_torch_gradient_reduces_over_broadcast_arguments():
             torch.randn(1, 6, requires_grad=True)]
     grads = {}
     for on in (True, False):
-        with fused.use(on):
+        with accel.use("numba" if on else "array"):
             kl_bench.kl_diag(*args).sum().backward()
         grads[on] = [a.grad.clone() for a in args]
         for a in args:
@@ -113,7 +114,8 @@ def test_torch_gradient_reduces_over_broadcast_arguments():
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
-GRADIENT_CASES = [(f, r, p) for f in fused.FAMILIES for r, p in cases.regimes(f, "float32") if r in ("generic", "near-equal", "collapse")]
+GRADIENT_CASES = [(f, r, p) for f in families.with_kernel("numba") for r, p in cases.regimes(f, "float32")
+                  if r in ("generic", "near-equal", "collapse")]
 
 
 @pytest.mark.parametrize("family, regime, param", GRADIENT_CASES, ids=[f"{f}-{r}-{p}" for f, r, p in GRADIENT_CASES])
@@ -126,11 +128,11 @@ def test_torch_gradient_through_the_fused_kernel_within_64_ulps(family, regime, 
     assert not nonfinite.any() and ulps.max() <= 64.0, f"worst {ulps.max():.3g} ulps"
 
 
-@pytest.mark.parametrize("family", fused.FAMILIES)
+@pytest.mark.parametrize("family", families.with_kernel("numba"))
 def test_torch_gradient_through_the_fused_kernel_is_zero_at_p_equal_q(family):
     torch = pytest.importorskip("torch")
     args = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
     args = [torch.zeros(3, 5, requires_grad=True)] * 2 if family == "vae" else [args[0], args[1], args[0], args[1]]
-    with fused.use(True):
+    with accel.use("numba"):
         kl_bench.kl_vae(*args).sum().backward() if family == "vae" else kl_bench.kl_diag(*args).sum().backward()
     assert all(torch.equal(a.grad, torch.zeros_like(a)) for a in args)

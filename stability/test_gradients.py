@@ -7,13 +7,14 @@ import functools
 import numpy as np
 import pytest
 
-from kl_bench import cases, gradients, kl, sweeps
+from kl_bench import kl
+from kl_bench.suite import cases, gradients
 
 N = 8
 NEAR = [(f, r, p) for f in kl.FAMILIES for r, p in cases.regimes(f, "float64") if r in ("near-equal", "collapse")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case_and_exact(family, regime, param):
     case = cases.generate(family, regime, "float64", param, n=N)
     return case, gradients.exact_for(case)
@@ -50,7 +51,7 @@ def test_exact_gradients_agree_with_finite_differences_of_the_reference():
     """The closed forms are checked against mpmath's numerical derivative of the KL reference."""
     import mpmath
 
-    from kl_bench import reference
+    from kl_bench.suite import reference
 
     for family in kl.FAMILIES:
         case = cases.generate(family, "generic", "float64", n=1, k=3 if family != "normal" else None)
@@ -59,7 +60,7 @@ def test_exact_gradients_agree_with_finite_differences_of_the_reference():
         for arg, (value, g) in enumerate(zip(parts, exact)):
             index = (0,) * value.ndim if family != "cov" or value.ndim < 2 else (1, 0)
             def f(t, arg=arg, index=index):
-                moved = [reference._to_mp(p) for p in parts]
+                moved = [reference.to_mp(p) for p in parts]
                 entry = moved[arg]
                 if value.ndim == 0:
                     moved[arg] = entry + t
@@ -78,7 +79,7 @@ def test_exact_gradients_agree_with_finite_differences_of_the_reference():
 
 
 def test_gradient_sweep_measures_naive_and_third_parties():
-    df = sweeps.gradients(["vae", "tril"], regimes=("equal", "collapse", "near-equal"), n=4, progress=False)
+    df = gradients.gradient_sweep(["vae", "tril"], regimes=("equal", "collapse", "near-equal"), n=4, progress=False)
     if df.empty:
         pytest.skip("no differentiable backend installed")
     stable = df[df.subject.str.startswith("kl_bench.stable")]

@@ -4,9 +4,10 @@ import mpmath
 import numpy as np
 import pytest
 
-from kl_bench import kernels, metrics
+from kl_bench import kernels
 from kl_bench.backends import FLOAT_DTYPES
-from kl_bench.cases import round_to
+from kl_bench.suite import metrics
+from kl_bench.suite.cases import round_to
 
 # From 1e-30 to the overflow threshold, both signs, densely around the series switches and where
 # e^x overflows float32 and float64 but e^x / 2 does not.

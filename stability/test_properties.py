@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kl_bench
-from kl_bench import cases
+from kl_bench.suite import cases
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 # magnitudes 0 or 1e-3 .. 8: any two distinct parameter sets then have a KL far above the

@@ -6,7 +6,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from kl_bench import reference
+from kl_bench.suite import reference
 
 ARGS = ("normal", [np.float64(0.1), np.float64(1.5), np.float64(0.0), np.float64(1.0)])
 

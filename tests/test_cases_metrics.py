@@ -4,7 +4,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from kl_bench import bounds, cases, metrics
+from kl_bench.suite import bounds, cases, metrics
 
 
 def test_case_sets_are_reproducible_from_their_name():

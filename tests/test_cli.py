@@ -6,7 +6,8 @@ import sys
 import pandas as pd
 import pytest
 
-from kl_bench import bounds, cli
+from kl_bench import cli
+from kl_bench.suite import bounds
 
 
 def test_run_prints_the_worst_ulps_table_and_writes_files(tmp_path, capsys):

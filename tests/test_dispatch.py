@@ -95,12 +95,12 @@ def test_torch_autograd_matches_the_analytic_gradient():
 
 def test_jax_inside_user_jit_skips_raising_but_masks_invalid_values():
     jax = pytest.importorskip("jax")
-    backends.get("jax").enable_x64()
-    f = jax.jit(lambda s: kl_bench.kl_normal(0.0, s, 0.0, 1.0))
-    out = np.asarray(f(jax.numpy.asarray([1.0, -1.0])))
-    assert out[0] == 0.0 and np.isnan(out[1])
-    with pytest.raises(ValueError, match="scale_p must be positive"):
-        kl_bench.kl_normal(0.0, jax.numpy.asarray([1.0, -1.0]), 0.0, 1.0)
+    with backends.get("jax").computing("float64"):
+        f = jax.jit(lambda s: kl_bench.kl_normal(0.0, s, 0.0, 1.0))
+        out = np.asarray(f(jax.numpy.asarray([1.0, -1.0])))
+        assert out[0] == 0.0 and np.isnan(out[1])
+        with pytest.raises(ValueError, match="scale_p must be positive"):
+            kl_bench.kl_normal(0.0, jax.numpy.asarray([1.0, -1.0]), 0.0, 1.0)
 
 
 def test_installed_backends_always_include_numpy():
@@ -111,13 +111,46 @@ def test_installed_backends_always_include_numpy():
 
 def test_jax_arrays_outside_jit_get_a_compiled_cached_kernel():
     jnp = pytest.importorskip("jax.numpy")
-    from kl_bench import kl
+    from kl_bench import kernels
 
-    kl._compiled.cache_clear()
+    kernels.compiled.cache_clear()
     loc = jnp.zeros((3, 4), dtype=jnp.float32)
     kl_bench.kl_vae(loc, loc)
     kl_bench.kl_vae(loc + 1, loc)
-    info = kl._compiled.cache_info()
+    info = kernels.compiled.cache_info()
     assert info.misses == 1 and info.hits == 1  # compiled once, reused
-    compiled = kl._compiled(kl_bench.backends.get("jax"), "vae", "stable", True)
+    compiled = kernels.compiled(kl_bench.backends.get("jax"), "vae", "stable", True)
     assert hasattr(compiled, "lower")  # a jax.jit-compiled function, not op-by-op evaluation
+
+
+def test_the_kernel_registry_chooses_by_family_method_arrays_and_choice():
+    from kl_bench import accel
+
+    numpy = backends.get("numpy")
+    x32, x64 = np.zeros((2, 3), np.float32), np.zeros((2, 3))
+    with accel.use("array"):
+        assert accel.select(numpy, "vae", "stable", [x32, x32]) is None
+    if not accel.REGISTRY["numba"].available():
+        pytest.skip("numba is not installed")
+    fused = accel.REGISTRY["numba"].impl()
+    for choice in ("auto", "numba"):
+        with accel.use(choice):
+            assert accel.select(numpy, "vae", "stable", [x32, x32]) is fused
+            assert accel.select(numpy, "vae", "naive", [x32, x32]) is None  # the textbook is never fused
+            assert accel.select(numpy, "vae", "stable", [x64, x64]) is None  # float64 takes the array path
+            assert accel.select(numpy, "cov", "stable", [x32, x32, x32, x32]) is None  # no numba kernel for cov
+
+
+def test_an_unknown_kernel_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    from kl_bench import accel
+
+    with pytest.raises(ValueError, match="kernel must be one of auto, array, numba, got 'triton'"):
+        with accel.use("triton"):
+            pass
+    env = dict(os.environ, KL_BENCH_KERNEL="fast")
+    result = subprocess.run([sys.executable, "-c", "import kl_bench"], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "KL_BENCH_KERNEL must be one of auto, array, numba, got 'fast'" in result.stderr

@@ -4,7 +4,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from kl_bench import reference
+from kl_bench.suite import reference
 
 rng = np.random.default_rng(1234)
 

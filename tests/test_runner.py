@@ -6,14 +6,15 @@ import json
 import pandas as pd
 import pytest
 
-from kl_bench import backends, cli, report, runner
+from kl_bench import backends, cli
+from kl_bench.suite import report, runner
 
 SMALL = [runner.Cell("accuracy", "normal", "float64", "quick"), runner.Cell("accuracy", "vae", "float32", "quick"),
          runner.Cell("timing", "vae", "float32", "4x8")]
 
 
 def _accuracy(results):
-    return runner.tables(results)["accuracy"].sort_values(["family", "subject", "regime", "param"]).reset_index(drop=True)
+    return runner.frames(results)["accuracy"].sort_values(["family", "subject", "regime", "param"]).reset_index(drop=True)
 
 
 def test_plan_names_every_cell_once():

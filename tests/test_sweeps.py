@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kl_bench import cases, reference, subjects, sweeps
-from kl_bench.kl import FAMILIES
+from kl_bench.families import NAMES as FAMILIES
+from kl_bench.suite import accuracy, cases, reference, subjects, tables
 
 
 def test_registry_names_are_unique_and_declare_families():
@@ -15,14 +15,14 @@ def test_registry_names_are_unique_and_declare_families():
     assert len(names) == len(set(names))
     assert {s.implementation for s in everything} == {"kl_bench", "torch.distributions", "numpyro", "textbook"}
     low_rank = subjects.TorchDistributions(method="LowRank")
-    assert low_rank.families == ("diag", "vae") and "no tril family" in low_rank.unavailable("tril")
+    assert low_rank.family_names == ("diag", "vae") and "no tril family" in low_rank.unavailable("tril")
     assert subjects.by_name("textbook[numpy-cpu]") == subjects.Textbook()
 
 
 def test_every_available_subject_agrees_on_a_generic_case():
     case = cases.generate("diag", "generic", "float64", n=4)
-    exact = np.array([float(v) for v in sweeps.references(case)])
-    for s in sweeps.available_subjects(compiled=False):
+    exact = np.array([float(v) for v in accuracy.references(case)])
+    for s in subjects.available(compiled=False):
         np.testing.assert_allclose(s.run("diag", case.arrays, "float64"), exact, rtol=1e-12, err_msg=s.name)
 
 
@@ -32,11 +32,11 @@ def test_absent_packages_skip_with_a_reason(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpyro" else real(name, *a))
     assert subjects.Numpyro().unavailable() == "numpyro is not installed"
-    assert subjects.Numpyro() not in sweeps.available_subjects()
+    assert subjects.Numpyro() not in subjects.available()
 
 
 def test_accuracy_sweep_columns_and_third_parties():
-    df = sweeps.accuracy(["vae"], None, ["float64"], progress=False)
+    df = accuracy.accuracy_sweep(["vae"], None, ["float64"], progress=False)
     required = ["family", "subject", "backend", "device", "dtype", "method", "regime", "param", "k", "n_cases",
                 "max_ulps", "median_ulps", "max_rel_err", "bits_lost", "negatives", "nans"]
     assert set(required) <= set(df.columns)
@@ -54,7 +54,7 @@ def test_a_subject_that_raises_gives_a_row_with_the_error():
 
             return fail
 
-    df = sweeps.accuracy(["normal"], [Broken()], ["float64"], progress=False)
+    df = accuracy.accuracy_sweep(["normal"], [Broken()], ["float64"], progress=False)
     assert (df.error == "RuntimeError: no half precision here").all() and df.max_ulps.isna().all()
 
 
@@ -86,7 +86,7 @@ def test_high_dim_full_covariance_references_are_sums_of_blocks():
     assert len(reference.coupled_blocks("cov", [a[0] for a in case.arrays])) == 3  # 4 + 4 + 2, shuffled
     blocks = reference.evaluate("cov", *case.arrays, cache=False)
     with mpmath.workprec(256):  # the textbook formula on the whole matrix, no decomposition
-        direct = [reference.mp_cov(*[reference._to_mp(a[i]) for a in case.arrays]) for i in range(2)]
+        direct = [reference.mp_cov(*[reference.to_mp(a[i]) for a in case.arrays]) for i in range(2)]
     for b, d in zip(blocks, direct):
         assert abs(b - d) <= abs(d) * mpmath.mpf(2) ** -90
 
@@ -95,7 +95,7 @@ def test_headline_puts_this_project_first():
     df = pd.DataFrame({"family": ["vae"] * 3, "regime": ["generic"] * 3, "dtype": ["float64"] * 3,
                        "subject": ["textbook[numpy-cpu]", "kl_bench.stable[numpy-cpu]", "kl_bench.naive[torch-cpu]"],
                        "max_ulps": [3.0, 1.0, 2.0]})
-    assert list(sweeps.headline(df).columns) == ["kl_bench.stable", "kl_bench.naive", "textbook"]
+    assert list(tables.headline(df).columns) == ["kl_bench.stable", "kl_bench.naive", "textbook"]
 
 
 @pytest.mark.parametrize("mode", ["jax.jit", "torch.compile"])
@@ -103,5 +103,14 @@ def test_compiled_modes_meet_the_bounds(mode):
     subject = subjects.Subject(mode.split(".")[0], mode=mode)
     if subject.unavailable():
         pytest.skip(subject.unavailable())
-    df = sweeps.accuracy(["vae"], [subject], ["float32"], progress=False)
+    df = accuracy.accuracy_sweep(["vae"], [subject], ["float32"], progress=False)
     assert df.ok.all() and (df.error == "").all() and len(df) > 3
+
+
+def test_a_jax_subject_switches_float64_on_for_its_own_calls_only():
+    jax = pytest.importorskip("jax")
+    case = cases.generate("vae", "collapse", "float64", 1e-9, n=4)
+    values = subjects.Subject("jax").run("vae", case.arrays, "float64")
+    assert not jax.config.jax_enable_x64  # not left on for the rest of the process
+    exact = np.array([float(v) for v in accuracy.references(case)])
+    np.testing.assert_allclose(values, exact, rtol=1e-14)  # computed in float64, not float32

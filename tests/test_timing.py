@@ -4,9 +4,10 @@ import sys
 import numpy as np
 import pytest
 
-from kl_bench import cli, sweeps, timing
-from kl_bench.subjects import Subject, Textbook
-from kl_bench.timing import median_seconds
+from kl_bench import cli
+from kl_bench.suite import tables, timing
+from kl_bench.suite.subjects import Subject, Textbook
+from kl_bench.suite.timing import median_seconds
 
 
 class CountingBackend:
@@ -50,11 +51,11 @@ def test_workload_inputs_are_valid_and_the_call_is_synchronised():
 
 def test_timing_sweep_and_speed_table():
     subjects = [Subject("numpy"), Subject("numpy", method="naive"), Textbook()]
-    df = sweeps.timing(["vae", "cov"], subjects, shapes=[(4, 8)], repeats=2, progress=False)
-    assert list(df.columns) == sweeps.TIMING_COLUMNS and len(df) == 6
+    df = timing.timing_sweep(["vae", "cov"], subjects, at=[(4, 8)], repeats=2, progress=False)
+    assert list(df.columns) == timing.COLUMNS and len(df) == 6
     assert (df.error == "").all() and (df.seconds > 0).all() and (df.gbps > 0).all()
-    table = sweeps.speed_table(df)
-    row = table.loc[("vae", "float32", 4, 8, "numpy", "cpu", "")]
+    table = tables.speed_table(df)
+    row = table.loc[("vae", "float32", 4, 8, "numpy", "cpu", "array")]
     seconds = df.set_index(["family", "subject"]).seconds
     ratio = seconds["vae", "kl_bench.stable[numpy-cpu]"] / seconds["vae", "kl_bench.naive[numpy-cpu]"]
     assert row.stable_over_textbook == pytest.approx(ratio)

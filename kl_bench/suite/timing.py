@@ -1,5 +1,6 @@
-"""Timing: the work, not the launch or the compiler. One implementation, used by ``kl-bench
-timing`` (``kl_bench.sweeps.timing``) and by the pytest-benchmark suites in ``benchmarks/``.
+"""Timing: the work, not the launch or the compiler. One implementation, used by the timing sweep
+below (``kl-bench timing``, the timing cells of ``kl-bench run``) and by the pytest-benchmark
+suites in ``benchmarks/`` (docs/design.md, "Measuring speed").
 
 A ``Workload`` is one subject computing one family at one shape and dtype on inputs made once. Its
 call synchronises the backend (CUDA, JAX's asynchronous dispatch) before returning, so a clock read
@@ -12,15 +13,18 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
+from .. import backends, families
+from ..families import COV, FACTOR, LOC, LOGVAR, SCALE
 from . import cases
-
-ELEMENTWISE = ("normal", "diag", "vae")
+from .subjects import Subject, available, describe, labels
 
 
 def median_seconds(fn, be=None, repeats: int = 5, min_seconds: float = 0.0) -> float:
@@ -38,29 +42,24 @@ def median_seconds(fn, be=None, repeats: int = 5, min_seconds: float = 0.0) -> f
 
 
 def inputs(family: str, batch: int, k: int, seed: int = 0) -> list[np.ndarray]:
-    """float64 arguments of ``family``: ``batch`` elements of dimension ``k`` (``normal``:
-    ``batch * k`` scalars), well conditioned, moderately apart."""
-    rng = np.random.default_rng(seed)
-    if family in ELEMENTWISE:
-        shape = (batch * k,) if family == "normal" else (batch, k)
-        loc_p, loc_q = rng.normal(size=shape), rng.normal(size=shape)
-        if family == "normal":
-            return [loc_p, np.exp(rng.normal(size=shape) / 2), loc_q, np.exp(rng.normal(size=shape) / 2)]
-        if family == "vae":
-            return [loc_p, rng.normal(size=shape)]
-        return [loc_p, rng.normal(size=shape), loc_q, rng.normal(size=shape)]
-    spectra = [np.exp(rng.uniform(-1, 1, size=(batch, k))) for _ in range(2)]
-    s_p, s_q = (cases.random_spd(rng, s) for s in spectra)
-    loc_p, loc_q = rng.normal(size=(batch, k)), rng.normal(size=(batch, k))
-    if family == "tril":
-        return [loc_p, np.linalg.cholesky(s_p), loc_q, np.linalg.cholesky(s_q)]
-    return [loc_p, s_p, loc_q, s_q]
+    """float64 arguments of ``family``: ``batch`` elements of dimension ``k`` (elementwise
+    families: ``batch * k`` scalars), well conditioned, moderately apart."""
+    fam, rng = families.get(family), np.random.default_rng(seed)
+    if fam.full:
+        spd = (cases.random_spd(rng, np.exp(rng.uniform(-1, 1, size=(batch, k)))) for _ in fam.of_kind(FACTOR, COV))
+        make = {LOC: lambda: rng.normal(size=(batch, k)), FACTOR: lambda: np.linalg.cholesky(next(spd)), COV: lambda: next(spd)}
+    else:
+        shape = (batch * k,) if fam.elementwise else (batch, k)
+        make = {LOC: lambda: rng.normal(size=shape), SCALE: lambda: np.exp(rng.normal(size=shape) / 2),
+                LOGVAR: lambda: rng.normal(size=shape)}
+    return [make[arg.kind]() for arg in fam.args]
 
 
 def input_bytes(family: str, batch: int, k: int, dtype: str) -> int:
     """Bytes of the inputs, read once by a kernel at the memory-bandwidth limit."""
-    per_element = {"normal": 4, "diag": 4 * k, "vae": 2 * k}.get(family, 2 * k + 2 * k * k)
-    count = batch * k if family == "normal" else batch
+    fam = families.get(family)
+    count = batch * k if fam.elementwise else batch
+    per_element = sum(k**core for core in fam.core_ndims)
     return count * per_element * (8 if dtype == "float64" else 4 if dtype == "float32" else 2)
 
 
@@ -71,7 +70,7 @@ def nominal_flops(family: str, batch: int, k: int) -> float | None:
     return {"tril": 1.0, "cov": 4.0}.get(family, 0.0) * batch * float(k) ** 3 or None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(nbytes: int) -> float:
     """Bytes per second that NumPy copies a buffer of ``nbytes`` into another on every core (read
     and write counted, as STREAM does): the memory ceiling for a kernel whose inputs are ``nbytes``."""
@@ -90,7 +89,7 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * 8 * n / seconds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul_flops(dtype: str = "float64") -> float:
     """Floating-point operations per second of a NumPy matrix product (1024 x 1024)."""
     a = np.ones((1024, 1024), dtype=dtype)
@@ -103,7 +102,7 @@ class Workload:
     """``subject`` computing ``family`` for ``batch`` elements of dimension ``k`` in ``dtype``;
     calling it runs the kernel once, synchronised."""
 
-    subject: object
+    subject: Subject
     family: str
     batch: int
     k: int
@@ -111,12 +110,14 @@ class Workload:
     args: list = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.args = [self.subject.asarray(a, self.dtype) for a in inputs(self.family, self.batch, self.k)]
+        with self.subject.be.computing(self.dtype):
+            self.args = [self.subject.asarray(a, self.dtype) for a in inputs(self.family, self.batch, self.k)]
         self._fn = self.subject.function(self.family)
 
     def __call__(self):
-        result = self._fn(*self.args)
-        self.subject.be.sync(result)
+        with self.subject.be.computing(self.dtype):
+            result = self._fn(*self.args)
+            self.subject.be.sync(result)
         return result
 
     def first_call_seconds(self) -> float:
@@ -172,7 +173,6 @@ def machine() -> dict:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    from . import backends
 
     gpus = []
     if backends.get("torch").installed():
@@ -181,3 +181,76 @@ def machine() -> dict:
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     info["gpus"] = gpus
     return info
+
+
+COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "compiled",
+                  "B", "k", "seconds", "compile_seconds", "bytes", "gbps", "flops", "roofline_fraction", "error"]
+_FULL_KS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# (B, k) from tiny (per-call overhead) to memory-bound; the full-covariance families at batch 16.
+SHAPES = {
+    "quick": {"diagonal": ((1, 64), (4096, 64), (2048, 4096)), "full": ((16, 2), (16, 32), (16, 256))},
+    "full": {"diagonal": ((1, 64), (64, 64), (4096, 64), (256, 4096), (2048, 4096), (4096, 4096)),
+             "full": tuple((16, k) for k in _FULL_KS)},
+}
+
+
+def shapes(family: str, sweep: str = "quick") -> tuple[tuple[int, int], ...]:
+    """The (B, k) that ``sweep`` times ``family`` at."""
+    return SHAPES[sweep]["full" if families.get(family).full else "diagonal"]
+
+
+def default_dtypes(family: str) -> tuple[str, ...]:
+    """float32 for the diagonal families (where models use it), float64 for full covariances."""
+    return ("float64",) if families.get(family).full else ("float32",)
+
+
+def timed(subject: Subject) -> bool:
+    """Whether timing compares this subject: all but torch.distributions' LowRank form of the
+    diagonal families (the same KL as Independent Normal, by a k x k route)."""
+    return not (subject.implementation == "torch.distributions" and subject.method == "LowRank")
+
+
+def default_subjects(backend_names=None, compiled=True) -> list[Subject]:
+    """What ``timing_sweep`` compares by default: this project's stable and naive kernels in every mode
+    that runs here (``compiled``: also under jax.jit and torch.compile), torch.distributions
+    (Normal, Independent Normal, MultivariateNormal), numpyro and the textbook formula in NumPy."""
+    subjects = available(backend_names, compiled=compiled)
+    return [s for s in subjects if timed(s)]
+
+
+def timing_sweep(family_names=None, subjects=None, dtypes=None, sweep="quick", repeats=5, progress=True,
+                 at=None, keep_partial=True) -> pd.DataFrame:
+    """Seconds per call of every subject on every (family, shape, dtype) of ``sweep`` (``SHAPES``;
+    or at ``at``, a list of (B, k) for every family), with compile time, GB/s and the fraction of
+    the measured ceiling: a tidy DataFrame with the columns ``COLUMNS``. ``dtypes`` defaults to
+    ``default_dtypes``. Interrupted (Ctrl-C), it returns the rows finished so far
+    (``keep_partial``) or lets the interrupt through."""
+    subjects = default_subjects() if subjects is None else subjects
+    rows = []
+    try:
+        for family in family_names or families.NAMES:
+            for dtype in dtypes or default_dtypes(family):
+                for batch, k in at or shapes(family, sweep):
+                    for subject in [s for s in subjects if s.unavailable(family, dtype) is None]:
+                        if progress:
+                            print(f"  timing {family} {dtype} B={batch} k={k} {subject.name}", file=sys.stderr, flush=True)
+                        rows.append(_timed_row(subject, family, dtype, batch, k, repeats))
+    except KeyboardInterrupt:
+        if not keep_partial:
+            raise
+        print("  timing interrupted: keeping the rows finished", file=sys.stderr)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _timed_row(subject, family, dtype, batch, k, repeats) -> dict:
+    row = labels(subject) | {"family": family, "dtype": dtype, "compiled": runs_compiled(subject), "B": batch, "k": k,
+                             "error": ""}
+    try:
+        return row | measure(Workload(subject, family, batch, k, dtype), repeats=repeats)
+    except Exception as exc:  # a third party that cannot take these inputs
+        return row | {"error": describe(exc)}
+
+
+def runs_compiled(subject: Subject) -> bool:
+    """Does the measured call run compiled code (JAX always; numba, jit and compile modes)?"""
+    return subject.backend == "jax" or subject.mode in ("numba", "jax.jit", "torch.compile")

@@ -4,7 +4,7 @@ A case set is reproducible from its name: family, regime, parameter, dtype, k, s
 are rounded to the dtype under test before anything else sees them, so the reference is the exact
 KL of exactly the inputs the kernel receives.
 
-Regimes (DESIGN.md section 3):
+Regimes (docs/design.md, "Measuring accuracy"):
 - ``generic``: unrelated p and q of moderate size.
 - ``equal``: q == p bit for bit (the exact KL is 0).
 - ``near-equal`` (param: relative perturbation 1e-1 .. 1e-12): q is p perturbed by that much.
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kl import FAMILIES
+from .. import families
+from ..families import COV, FACTOR
 
 NEAR_EQUAL = (1e-1, 1e-3, 1e-6, 1e-9, 1e-12)
 CLOSENESS = tuple(10.0**-e for e in range(1, 13))
@@ -129,7 +130,7 @@ def sweep_specs(family: str, dtype: str, sweep: str = "quick") -> list[tuple[str
         regime = "collapse" if family == "vae" else "near-equal"
         return [(regime, d, None) for d in CLOSENESS if d >= 4 * eps]
     if sweep == "conditioning":
-        if family not in ("tril", "cov"):
+        if not families.get(family).full:
             return []
         cap = LIMITS[dtype]["max_cond_tril" if family == "tril" else "max_cond"]
         return [("ill-conditioned", c, None) for c in CONDITIONING if c <= cap]
@@ -142,8 +143,7 @@ def case_sets(family: str, dtype: str, sweep: str = "quick", seed: int = 0) -> l
 
 
 def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, seed=0) -> CaseSet:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    fam = families.get(family)
     n = n or DEFAULT_N[family]
     k = k or (HIGH_DIM_K if regime == "high-dim" else DEFAULT_K[family])
     if regime == "high-dim":
@@ -153,10 +153,10 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
     make = _GENERATORS[family]
     arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k))
     cond = None
-    if family == "cov":
-        cond = np.linalg.cond(arrays[3])
-    elif family == "tril":  # cond(L L^T) = cond(L)^2, without forming L L^T
-        cond = np.linalg.cond(np.tril(arrays[3])) ** 2
+    if fam.args[-1].kind == COV:
+        cond = np.linalg.cond(arrays[-1])
+    elif fam.args[-1].kind == FACTOR:  # cond(L L^T) = cond(L)^2, without forming L L^T
+        cond = np.linalg.cond(np.tril(arrays[-1])) ** 2
     return CaseSet(family, regime, param, dtype, k, seed, arrays, cond)
 
 

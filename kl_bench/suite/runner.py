@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import backends, sweeps, timing
-from .kl import FAMILIES
+from .. import backends, families
+from . import accuracy, timing
+from .subjects import available
 
-# What --quick and --full measure: accuracy sweep parts, and timing shapes (sweeps.TIMING_SHAPES).
+# What --quick and --full measure: accuracy sweep parts, and timing shapes (timing.SHAPES).
 PLANS = {
     "quick": {"accuracy": ("quick",), "timing": "quick", "compiled": False},
     "full": {"accuracy": ("full",), "timing": "full", "compiled": True},
@@ -44,17 +45,16 @@ class Cell:
         return f"{self.kind}-{self.family}-{self.dtype}-{self.part}"
 
 
-def plan(mode: str = "quick", families=None, dtypes=None) -> list[Cell]:
+def plan(mode: str = "quick", family_names=None, dtypes=None) -> list[Cell]:
     """Every cell of a run, in the order they are started."""
     spec = PLANS[mode]
     cells = []
-    for family in families or FAMILIES:
+    for family in family_names or families.NAMES:
         for dtype in dtypes or backends.FLOAT_DTYPES:
             cells += [Cell("accuracy", family, dtype, part) for part in spec["accuracy"]]
-    for family in families or FAMILIES:
-        kind = "elementwise" if family in timing.ELEMENTWISE else "full"
-        for dtype in [d for d in sweeps.TIMING_DTYPES[family] if not dtypes or d in dtypes]:
-            cells += [Cell("timing", family, dtype, f"{b}x{k}") for b, k in sweeps.TIMING_SHAPES[spec["timing"]][kind]]
+    for family in family_names or families.NAMES:
+        for dtype in [d for d in timing.default_dtypes(family) if not dtypes or d in dtypes]:
+            cells += [Cell("timing", family, dtype, f"{b}x{k}") for b, k in timing.shapes(family, spec["timing"])]
     return cells
 
 
@@ -63,12 +63,12 @@ def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.Data
     adds this project's kernels under jax.jit and torch.compile."""
     backends.avoid_xla_cpu_hang()
     if cell.kind == "accuracy":
-        subjects = sweeps.available_subjects(backend_names, compiled=compiled)
-        return sweeps.accuracy([cell.family], subjects, [cell.dtype], cell.part, seed, progress=False)
+        subjects = available(backend_names, compiled=compiled)
+        return accuracy.accuracy_sweep([cell.family], subjects, [cell.dtype], cell.part, seed, progress=False)
     batch, k = (int(v) for v in cell.part.split("x"))
-    subjects = sweeps.timing_subjects(backend_names, compiled)
+    subjects = timing.default_subjects(backend_names, compiled)
     # An interrupted cell must not be stored as finished: the interrupt goes through.
-    return sweeps.timing([cell.family], subjects, [cell.dtype], shapes=[(batch, k)], progress=False, keep_partial=False)
+    return timing.timing_sweep([cell.family], subjects, [cell.dtype], at=[(batch, k)], progress=False, keep_partial=False)
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -156,7 +156,8 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
     here = [c for c in todo if c not in spread]
     try:
         if spread and scheduler:
-            from distributed import Client, as_completed as dask_completed
+            from distributed import Client
+            from distributed import as_completed as dask_completed
 
             with Client(scheduler) as client:
                 futures = {client.submit(compute, c, backend_names, compiled, seed, pure=False): c for c in spread}
@@ -174,23 +175,13 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
     return results, reused
 
 
-def tables(results: dict) -> dict[str, pd.DataFrame]:
+def frames(results: dict) -> dict[str, pd.DataFrame]:
     """The tidy tables of a run, in plan order: accuracy and timing."""
     out = {}
-    for kind, columns in (("accuracy", sweeps.COLUMNS), ("timing", sweeps.TIMING_COLUMNS)):
+    for kind, columns in (("accuracy", accuracy.COLUMNS), ("timing", timing.COLUMNS)):
         parts = [df for cell, df in results.items() if cell.kind == kind and len(df)]
         out[kind] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     return out
-
-
-def write_tables(out: Path, frames: dict[str, pd.DataFrame]) -> None:
-    for name, df in frames.items():
-        df.to_parquet(out / f"{name}.parquet", index=False)
-        df.to_csv(out / f"{name}.csv", index=False)
-
-
-def read_tables(out: Path) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(out / f"{name}.parquet") for name in ("accuracy", "timing") if (out / f"{name}.parquet").exists()}
 
 
 def environment(argv) -> dict:

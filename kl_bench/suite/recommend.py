@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import fused, runner
+from .. import accel, families
+from . import runner, tables
+from .subjects import ARRAY
 
 # One line of code per implementation; {f} is the family, {args} its arguments.
 CODE = {
     "kl_bench": "kl_bench.kl_{f}({args}{extra})",
     "torch.distributions": "torch.distributions.kl_divergence(p, q)  # {dist}",
     "numpyro": "numpyro.distributions.kl_divergence(p, q)  # {dist}",
-    "textbook": "the textbook formula in NumPy: kl_bench.subjects.textbook_{f}({args})",
+    "textbook": "the textbook formula in NumPy: kl_bench.suite.subjects.textbook_{f}({args})",
 }
 DISTRIBUTIONS = {
     "normal": "Normal(loc, scale)",
@@ -29,8 +31,6 @@ DISTRIBUTIONS = {
     "tril": "MultivariateNormal(loc, scale_tril=L)",
     "cov": "MultivariateNormal(loc, covariance_matrix=S)",
 }
-ARGS = {"normal": "loc_p, scale_p, loc_q, scale_q", "diag": "loc_p, logvar_p, loc_q, logvar_q", "vae": "loc, logvar",
-        "tril": "loc_p, tril_p, loc_q, tril_q", "cov": "loc_p, cov_p, loc_q, cov_q"}
 
 
 @dataclass
@@ -46,19 +46,24 @@ def code_line(row: pd.Series, family: str) -> str:
     """How to call the subject of a timing row."""
     impl = row.implementation
     extra = ', method="naive"' if impl == "kl_bench" and row.method == "naive" else ""
-    line = CODE[impl].format(f=family, args=ARGS[family], extra=extra, dist=DISTRIBUTIONS[family])
+    args = ", ".join(families.get(family).names)
+    line = CODE[impl].format(f=family, args=args, extra=extra, dist=DISTRIBUTIONS[family])
     if impl == "kl_bench":
         arrays = {"numpy": "NumPy arrays", "torch": "torch tensors", "jax": "JAX arrays"}[row.backend]
         if row["mode"] == "jax.jit":
-            line = f"jax.jit({line.split('(')[0]})({ARGS[family]}{extra})"
+            line = f"jax.jit({line.split('(')[0]})({args}{extra})"
         elif row["mode"] == "torch.compile":
-            line = f"torch.compile({line.split('(')[0]})({ARGS[family]}{extra})"
-        elif row["mode"] == "":
-            if fused.AVAILABLE and row.backend in ("numpy", "torch") and family in fused.FAMILIES and row.method == "stable":
-                line = f"with kl_bench.fused.use(False): {line}"
+            line = f"torch.compile({line.split('(')[0]})({args}{extra})"
+        elif row["mode"] == ARRAY and row.method == "stable" and _accelerated_here(row.backend, family):
+            line = f'with kl_bench.accel.use("{ARRAY}"): {line}'
         note = f"  # {arrays} on {row.device}" + ('; pip install "kl-bench[numba]"' if row["mode"] == "numba" else "")
         line += note
     return line
+
+
+def _accelerated_here(backend: str, family: str) -> bool:
+    """Would a plain call on this backend take an accelerated kernel (so that the array path needs asking for)?"""
+    return accel.REGISTRY["numba"].available() and backend in ("numpy", "torch") and family in families.with_kernel("numba")
 
 
 def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: str = "cpu", max_ulps: float | None = None,
@@ -66,7 +71,7 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     """Qualifying subjects, fastest first, and how many cells were measured for it (not counting
     cells an earlier call measured and stored)."""
     cells = [runner.Cell("accuracy", family, dtype, "quick"), runner.Cell("timing", family, dtype, f"{batch}x{k}")]
-    frames = runner.read_tables(out) if out.exists() else {}
+    frames = tables.read(out) if out.exists() else {}
     have = {
         "accuracy": "accuracy" in frames and ((frames["accuracy"].family == family) & (frames["accuracy"].dtype == dtype)).any(),
         "timing": "timing" in frames and ((frames["timing"].family == family) & (frames["timing"].dtype == dtype)
@@ -76,7 +81,7 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     measured, reused = {}, 0
     if missing:  # from the run's cells where an earlier recommend stored them, else measured now
         results, reused = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
-        measured = runner.tables(results)
+        measured = runner.frames(results)
     acc = pd.concat([frames.get("accuracy", pd.DataFrame()), measured.get("accuracy", pd.DataFrame())], ignore_index=True)
     tim = pd.concat([frames.get("timing", pd.DataFrame()), measured.get("timing", pd.DataFrame())], ignore_index=True)
     acc = acc[(acc.family == family) & (acc.dtype == dtype) & (acc.device == device)]

@@ -1,5 +1,6 @@
-"""Fused CPU kernels (numba, optional) for the VAE and diagonal families in float32 and half
-precision: one pass over memory where the array path makes one per operation.
+"""Fused CPU kernels (numba) for the VAE and diagonal families in float32 and half precision:
+one pass over memory where the array path makes one per operation (docs/design.md, "Accelerated
+kernels").
 
 Each element is computed in float64, where the form of e^x - 1 - x below is accurate to 1e-11
 relative, so the float32 result is rounded once from a value far more accurate than float32: the
@@ -10,42 +11,24 @@ For finite float32 inputs every float64 row sum is finite (e^x is clamped to |x|
 beyond float32's range for the result), so a row whose sum is not finite held a NaN or an
 infinity: such rows are recomputed by the array path, and special values behave exactly as there.
 
-Used by ``kl_bench.kl`` for NumPy arrays and Torch CPU tensors (with a backward pass for autograd),
-when numba is installed; ``use(False)`` (or ``KL_BENCH_FUSED=0``) turns it off.
+Takes NumPy arrays and Torch CPU tensors (with a backward pass for autograd); chosen by
+``kl_bench.accel``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import importlib.util
 import math
-import os
 
 import numpy as np
 
-FAMILIES = ("vae", "diag")
+from .. import backends, kernels
+
 DTYPE = "float32"  # the compute dtype; half precision arrives as float32
 _PARALLEL_MIN = 1 << 15  # elements below which one thread beats starting the pool
 
-AVAILABLE = importlib.util.find_spec("numba") is not None
-_enabled = contextvars.ContextVar("kl_bench_fused", default=os.environ.get("KL_BENCH_FUSED", "1") != "0")
 
-
-@contextlib.contextmanager
-def use(enabled: bool):
-    """Within the block, use the fused kernels (where they apply) or not."""
-    token = _enabled.set(enabled)
-    try:
-        yield
-    finally:
-        _enabled.reset(token)
-
-
-def applies(be, family, arrays) -> bool:
-    if not (AVAILABLE and _enabled.get() and family in FAMILIES):
-        return False
+def takes(be, arrays) -> bool:
     if be.name == "torch":
         return all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) == DTYPE
     return be.name == "numpy" and arrays[0].dtype == np.float32
@@ -71,10 +54,7 @@ def _values(be, family, arrays):
         kernel = _kernels()[family, rows[0].size >= _PARALLEL_MIN]
         if not math.isfinite(kernel(*rows, out)):  # NaN or infinity in some rows: the array path decides
             special = ~np.isfinite(out)
-            from . import backends
-            from .kl import _compiled
-
-            array_path = _compiled(backends.get("numpy"), family, "stable", False)
+            array_path = kernels.compiled(backends.get("numpy"), family, "stable", False)
             out[special] = array_path(*(r[special] for r in rows))[0]
         if len(shape) != 2:
             out = out.reshape(shape[:-1])
@@ -105,8 +85,6 @@ def gradients(family, g, arrays):
 @functools.cache
 def _torch_function():
     import torch
-
-    from . import backends
 
     class TorchKL(torch.autograd.Function):
         """The fused forward pass with the derivatives of ``gradients`` as its backward pass."""
@@ -148,8 +126,8 @@ _ELEMENT_FASTMATH = {"contract"}
 
 
 @functools.cache
-def _kernels():
-    """Compile on first use: {(family, parallel): kernel(*rows, out) -> sum of out}."""
+def _elements():
+    """The jitted element functions (prefer_wide_vectors, exp, half_phi), made on first use."""
     import numba
     from llvmlite import ir
     from numba.core import types
@@ -191,6 +169,16 @@ def _kernels():
     def _half_phi(x):
         two_n, r, tail = _reduce(x)  # x beyond the clamp: e^x is huge either way, or negligible
         return 0.5 * ((two_n - 1.0) + (two_n * r - x) + two_n * tail)
+
+    return _prefer_wide_vectors, _exp, _half_phi
+
+
+@functools.cache
+def _kernels():
+    """Compile on first use: {(family, parallel): kernel(*rows, out) -> sum of out}."""
+    import numba
+
+    _prefer_wide_vectors, _exp, _half_phi = _elements()
 
     def vae_rows(loc, logvar, out):
         grand = 0.0  # finite exactly when every input is (see the module's docstring)

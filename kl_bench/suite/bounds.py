@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .backends import HALF_DTYPES
+from ..backends import HALF_DTYPES
 
 TRIL_MAX_COND = 1e4  # kl_tril's bound is promised for cond(S_q) up to this
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backends, fused, kl
-from .kl import FAMILIES
+from .. import accel, backends, families, kl
 
 DEVICES = ("cpu", "cuda")
+ARRAY = accel.ARRAY  # op by op on the framework's arrays (third parties run so too)
 # How this project's kernels run, and the backends each way applies to.
 MODES = {
-    "": ("numpy", "torch", "jax"),  # the array path, op by op (JAX compiles and caches the kernel itself)
-    "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.fused
+    ARRAY: ("numpy", "torch", "jax"),  # (JAX compiles and caches the kernel itself)
+    "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.accel
     "jax.jit": ("jax",),  # inside the caller's jit
     "torch.compile": ("torch",),
 }
@@ -41,15 +41,15 @@ class Subject:
     backend: str
     device: str = "cpu"
     method: str = "stable"
-    mode: str = ""
+    mode: str = ARRAY
 
     implementation = "kl_bench"
-    families = FAMILIES
+    family_names = families.NAMES
     requires = ()  # modules beyond the backend's framework
 
     @property
     def name(self) -> str:
-        where = f"{self.backend}-{self.device}" + (f", {self.mode}" if self.mode else "")
+        where = f"{self.backend}-{self.device}" + (f", {self.mode}" if self.mode != ARRAY else "")
         label = f"{self.implementation}.{self.method}" if self.method else self.implementation
         return f"{label}[{where}]"
 
@@ -75,22 +75,29 @@ class Subject:
             return f"{self.backend} has no {dtype}"
         if self.mode == "torch.compile" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             return "torch.compile on CPU needs a C++ compiler"
+        if self.mode in accel.REGISTRY:
+            return self._accelerated_unavailable(family, dtype)
+        if family is not None and family not in self.family_names:
+            return f"{self.name} has no {family} family"
+        return None
+
+    def _accelerated_unavailable(self, family, dtype):
+        if not accel.REGISTRY[self.mode].available():
+            return f"{accel.REGISTRY[self.mode].requires} is not installed"
         if self.mode == "numba":
-            if not fused.AVAILABLE:
-                return "numba is not installed"
+            kernel_families = families.with_kernel("numba")
             if self.device != "cpu" or self.method != "stable":
                 return "numba fuses the stable kernels on the CPU only"
-            if family is not None and family not in fused.FAMILIES:
-                return f"numba fuses only the {' and '.join(fused.FAMILIES)} families"
+            if family is not None and family not in kernel_families:
+                return f"numba fuses only the {' and '.join(kernel_families)} families"
             if dtype == "float64":
                 return "numba fuses float32 and half precision (float64 takes the array path)"
-        if family is not None and family not in self.families:
+        if family is not None and family not in self.family_names:
             return f"{self.name} has no {family} family"
         return None
 
     def asarray(self, x: np.ndarray, dtype: str):
-        if self.backend == "jax":
-            self.be.enable_x64()  # JAX computes in float32 unless told otherwise
+        """``x`` as an array of this subject's backend and device (within ``be.computing(dtype)``)."""
         device = "cuda" if self.device == "cuda" else None
         if self.backend == "jax" and device:
             device = next(d for d in self.be.jax.devices() if d.platform in ("gpu", "cuda"))
@@ -101,20 +108,22 @@ class Subject:
         return _ours(family, self.method, self.mode)
 
     def run(self, family: str, arrays, dtype: str) -> np.ndarray:
-        args = [self.asarray(a, dtype) for a in arrays]
-        return self.be.to_numpy(self.function(family)(*args))
+        with self.be.computing(dtype):
+            args = [self.asarray(a, dtype) for a in arrays]
+            return self.be.to_numpy(self.function(family)(*args))
 
     def gradient(self, family: str, arrays, dtype: str) -> list[np.ndarray]:
         """d (sum of the KLs) / d each argument through the backend's autodiff, as float64."""
-        args = [self.asarray(a, dtype) for a in arrays]
-        return [self.be.to_numpy(g) for g in self.be.grad_of_sum(self.function(family), args)]
+        with self.be.computing(dtype):
+            args = [self.asarray(a, dtype) for a in arrays]
+            return [self.be.to_numpy(g) for g in self.be.grad_of_sum(self.function(family), args)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ours(family, method, mode):
     fn = functools.partial(getattr(kl, f"kl_{family}"), method=method)
-    if mode in ("", "numba"):
-        return _with_fused(fn, mode == "numba")
+    if mode == ARRAY or mode in accel.REGISTRY:
+        return _with_kernel(fn, mode)
     if mode == "jax.jit":
         return backends.get("jax").compile(fn)
     if mode == "torch.compile":
@@ -124,10 +133,10 @@ def _ours(family, method, mode):
     return fn
 
 
-def _with_fused(fn, enabled):
+def _with_kernel(fn, kernel):
     @functools.wraps(fn)
     def call(*args):
-        with fused.use(enabled):
+        with accel.use(kernel):
             return fn(*args)
 
     return call
@@ -144,8 +153,8 @@ class TorchDistributions(Subject):
     implementation = "torch.distributions"
 
     @property
-    def families(self):
-        return ("diag", "vae") if self.method == "LowRank" else FAMILIES
+    def family_names(self):
+        return ("diag", "vae") if self.method == "LowRank" else families.NAMES
 
     def function(self, family):
         return functools.partial(_torch_distributions, family, self.method == "LowRank")
@@ -243,7 +252,7 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
 TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov}
 
 
-def ours(methods=("stable", "naive"), backend_names=None, modes=("", "numba")) -> list[Subject]:
+def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, "numba")) -> list[Subject]:
     """This project's kernels on every known backend and device (available or not)."""
     names = backend_names or list(backends.BACKENDS)
     out = []
@@ -269,7 +278,7 @@ def third_party() -> list[Subject]:
 def registry(compiled: bool = False) -> list[Subject]:
     """Every subject known (available or not); ``compiled`` adds this project's kernels under the
     caller's ``jax.jit`` and under ``torch.compile`` (compiling costs seconds per shape)."""
-    modes = tuple(MODES) if compiled else ("", "numba")
+    modes = tuple(MODES) if compiled else (ARRAY, "numba")
     return ours(modes=modes) + third_party()
 
 
@@ -278,3 +287,31 @@ def by_name(name: str, subjects=None) -> Subject:
         if s.name == name:
             return s
     raise ValueError(f"unknown subject {name!r}")
+
+
+def available(backend_names=None, methods=("stable", "naive"), names=None, compiled=False) -> list[Subject]:
+    """Subjects that can run here: this project's ``methods`` and every third party, on the given
+    backends (default: every installed one); ``names`` keeps those whose name contains one of the
+    given strings."""
+    backend_names = backend_names or backends.installed()
+    chosen = []
+    for s in registry(compiled=compiled):
+        if s.backend not in backend_names or s.unavailable() is not None:
+            continue
+        if s.ours and s.method not in methods:
+            continue
+        if names and not any(n in s.name for n in names):
+            continue
+        chosen.append(s)
+    return chosen
+
+
+def labels(subject: Subject) -> dict:
+    """The columns that name a subject in every table."""
+    return {"subject": subject.name, "implementation": subject.implementation, "backend": subject.backend,
+            "device": subject.device, "method": subject.method, "mode": subject.mode}
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception a subject raised."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

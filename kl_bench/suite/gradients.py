@@ -1,5 +1,5 @@
-"""Gradients of the KL with respect to every parameter: exact ones in mpmath, and a subject's
-through its framework's autodiff (torch autograd, jax.grad), compared normwise.
+"""Gradients of the KL with respect to every parameter: exact ones in mpmath, a subject's through
+its framework's autodiff (torch autograd, jax.grad), compared normwise, and the gradient sweep.
 
 Exact gradients, for d = mu_p - mu_q and symmetric matrix arguments:
 - normal: dmu_p = d / s_q^2, ds_p = s_p / s_q^2 - 1 / s_p, ds_q = 1 / s_q - (s_p^2 + d^2) / s_q^3
@@ -18,12 +18,17 @@ large ones). An exact gradient of 0 (p == q) demands exactly 0.
 from __future__ import annotations
 
 import math
+import sys
 
 import mpmath
 import numpy as np
+import pandas as pd
 
-from . import metrics
-from .reference import _lower, _to_mp, is_exactly_zero
+from .. import families
+from . import cases, metrics
+from .accuracy import row
+from .reference import is_exactly_zero, lower, to_mp
+from .subjects import available, describe
 
 PREC = 256  # bits; every value is recomputed at twice this and must agree to AGREE_BITS
 AGREE_BITS = 100
@@ -64,9 +69,9 @@ def _exact_cov(mu_p, cov_p, mu_q, cov_q):
 
 
 def _exact_tril(mu_p, tril_p, mu_q, tril_q):
-    l_p, l_q = mpmath.matrix(_lower(tril_p)), mpmath.matrix(_lower(tril_q))
+    l_p, l_q = mpmath.matrix(lower(tril_p)), mpmath.matrix(lower(tril_q))
     g_mu, g_p, g_q = _covariance_gradients(mu_p, l_p * l_p.T, mu_q, l_q * l_q.T)
-    return [g_mu, _lower((2 * g_p * l_p).tolist()), -g_mu, _lower((2 * g_q * l_q).tolist())]
+    return [g_mu, lower((2 * g_p * l_p).tolist()), -g_mu, lower((2 * g_q * l_q).tolist())]
 
 
 EXACT = {"normal": _exact_normal, "diag": _exact_diag, "vae": _exact_vae, "tril": _exact_tril, "cov": _exact_cov}
@@ -87,7 +92,7 @@ def exact(family: str, parts) -> list[np.ndarray]:
     results = []
     for prec in (PREC, 2 * PREC):
         with mpmath.workprec(prec):
-            results.append([_as_array(g, p.shape) for g, p in zip(EXACT[family](*[_to_mp(p) for p in parts]), parts)])
+            results.append([_as_array(g, p.shape) for g, p in zip(EXACT[family](*[to_mp(p) for p in parts]), parts)])
     for low, high in zip(*results):
         scale = max((abs(v) for v in high.ravel()), default=0)
         worst = max((abs(a - b) for a, b in zip(low.ravel(), high.ravel())), default=0)
@@ -114,7 +119,7 @@ def case_ulps(subject, case, exact_gradients: list) -> tuple[np.ndarray, np.ndar
     """Per case of a case set: the worst normwise ulps over the arguments of ``subject``'s
     autodiff gradient, and whether any of its entries is NaN or inf."""
     computed = subject.gradient(case.family, case.arrays, case.dtype)
-    symmetric = [case.family == "cov" and a.ndim == 3 for a in case.arrays]
+    symmetric = [arg.kind == families.COV for arg in families.TABLE[case.family].args]
     ulps = np.array([
         max(normwise_ulps(g[i], e, case.dtype, sym) for g, e, sym in zip(computed, exact_i, symmetric))
         for i, exact_i in enumerate(exact_gradients)
@@ -126,3 +131,34 @@ def case_ulps(subject, case, exact_gradients: list) -> tuple[np.ndarray, np.ndar
 def exact_for(case) -> list:
     """Exact gradients of every case of a case set."""
     return [exact(case.family, [a[i] for a in case.arrays]) for i in range(case.n)]
+
+
+GRADIENT_COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "regime",
+                    "param", "k", "n_cases", "max_ulps", "median_ulps", "nonfinite", "error"]
+GRADIENT_REGIMES = ("equal", "near-equal", "collapse")
+
+
+def gradient_sweep(family_names=None, subjects=None, dtype="float64", regimes=GRADIENT_REGIMES, n=8, seed=0,
+                   progress=True) -> pd.DataFrame:
+    """Autodiff gradients of every differentiable subject against exact mpmath gradients, on the
+    first ``n`` cases of each quick case set of ``regimes``: normwise ulps, the worst argument per
+    case; ``nonfinite`` counts cases whose gradient has a NaN or inf."""
+    family_names = family_names or families.NAMES
+    subjects = [s for s in (available() if subjects is None else subjects) if s.be.differentiable]
+    rows = []
+    for family in family_names:
+        for regime, param in [rp for rp in cases.regimes(family, dtype) if rp[0] in regimes]:
+            case = cases.generate(family, regime, dtype, param, n=n, seed=seed)
+            if progress:
+                print(f"  gradients {case.name}", file=sys.stderr, flush=True)
+            exact = exact_for(case)
+            for subject in [s for s in subjects if s.unavailable(family, dtype) is None]:
+                try:
+                    with np.errstate(all="ignore"):
+                        u, nonfinite = case_ulps(subject, case, exact)
+                except Exception as exc:  # a subject without a gradient for these inputs
+                    rows.append(row(subject, case) | {"error": describe(exc)})
+                    continue
+                rows.append(row(subject, case) | {"max_ulps": u.max(), "median_ulps": float(np.median(u)),
+                                                   "nonfinite": int(nonfinite.sum())})
+    return pd.DataFrame(rows, columns=GRADIENT_COLUMNS)

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from . import cases, metrics
-from .subjects import Subject
-from .sweeps import describe, errors, references
+from .accuracy import errors, references
+from .subjects import Subject, describe
 
 DEFAULT_MAX_ULPS = 64.0
 OURS_FACTOR = 4.0

@@ -27,12 +27,12 @@ from pathlib import Path
 import mpmath
 import numpy as np
 
+from .. import families
+
 REFERENCE_VERSION = 2  # bump whenever a formula below changes: old cache entries stop matching
 START_PREC = 128
 AGREE_BITS = 100
 MAX_PREC = 1 << 16
-
-CORE_NDIM = {"normal": (0, 0, 0, 0), "diag": (1, 1, 1, 1), "vae": (1, 1), "tril": (1, 2, 1, 2), "cov": (1, 2, 1, 2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def mp_diag(mu_p, l_p, mu_q, l_q):
 
 
 def mp_vae(mu, logvar):
-    return sum((mpmath.exp(l) + m * m - 1 - l for m, l in zip(mu, logvar)), mpmath.mpf(0)) / 2
+    return sum((mpmath.exp(lv) + m * m - 1 - lv for m, lv in zip(mu, logvar)), mpmath.mpf(0)) / 2
 
 
 def _forward_solve(lower, columns):
@@ -73,7 +73,7 @@ def _columns(matrix):
     return [list(col) for col in zip(*matrix)]
 
 
-def _lower(matrix):
+def lower(matrix):
     return [[v if j <= i else mpmath.mpf(0) for j, v in enumerate(row)] for i, row in enumerate(matrix)]
 
 
@@ -86,7 +86,7 @@ def _mp_full(mu_p, mu_q, factor_q, trace, logdet_p):
 
 
 def mp_tril(mu_p, tril_p, mu_q, tril_q):
-    tril_p, tril_q = _lower(tril_p), _lower(tril_q)
+    tril_p, tril_q = lower(tril_p), lower(tril_q)
     # tr(S_q^-1 S_p) = ||L_q^-1 L_p||_F^2
     a = _forward_solve(tril_q, _columns(tril_p))
     trace = mpmath.fsum(v * v for col in a for v in col)
@@ -113,10 +113,10 @@ def mp_cov(mu_p, cov_p, mu_q, cov_q):
 MP_FUNCTIONS = {"normal": mp_normal, "diag": mp_diag, "vae": mp_vae, "tril": mp_tril, "cov": mp_cov}
 
 
-def _to_mp(x: np.ndarray):
+def to_mp(x: np.ndarray):
     if x.ndim == 0:
         return mpmath.mpf(float(x))
-    return [_to_mp(v) for v in x]
+    return [to_mp(v) for v in x]
 
 
 def is_exactly_zero(family: str, parts) -> bool:
@@ -124,7 +124,7 @@ def is_exactly_zero(family: str, parts) -> bool:
     if family == "vae":
         return not np.any(parts[0]) and not np.any(parts[1])
     mu_p, a, mu_q, b = parts
-    if family == "tril":
+    if families.TABLE[family].of_kind(families.FACTOR):  # only the lower triangle counts
         a, b = np.tril(a), np.tril(b)
     return np.array_equal(mu_p, mu_q) and np.array_equal(a, b)
 
@@ -137,7 +137,7 @@ def coupled_blocks(family: str, parts) -> list[np.ndarray]:
     from scipy.sparse.csgraph import connected_components
 
     pattern = (parts[1] != 0) | (parts[3] != 0)
-    if family == "tril":
+    if families.TABLE[family].of_kind(families.FACTOR):
         pattern = np.tril(pattern)
     count, labels = connected_components(pattern, directed=False)
     return [np.flatnonzero(labels == c) for c in range(count)]
@@ -147,7 +147,7 @@ def validated(family: str, parts) -> mpmath.mpf:
     """The self-validated reference for one parameter set (float64 NumPy arrays)."""
     if is_exactly_zero(family, parts):
         return mpmath.mpf(0)
-    if family in ("tril", "cov") and len(blocks := coupled_blocks(family, parts)) > 1:
+    if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
         # every block's KL is >= 0: the sum of 100-bit values keeps 100 bits
         values = [validated(family, [p[b] if p.ndim == 1 else p[np.ix_(b, b)] for p in parts]) for b in blocks]
         with mpmath.workprec(4 * START_PREC):
@@ -155,11 +155,11 @@ def validated(family: str, parts) -> mpmath.mpf:
     fn = MP_FUNCTIONS[family]
     prec = START_PREC
     with mpmath.workprec(prec):
-        previous = fn(*[_to_mp(p) for p in parts])
+        previous = fn(*[to_mp(p) for p in parts])
     while prec < MAX_PREC:
         prec *= 2
         with mpmath.workprec(prec):
-            current = fn(*[_to_mp(p) for p in parts])
+            current = fn(*[to_mp(p) for p in parts])
             if abs(current - previous) <= mpmath.ldexp(abs(current), -AGREE_BITS):
                 return +current
         previous = current
@@ -255,9 +255,9 @@ def default_cache() -> Cache:
 def evaluate(family: str, *args, cache: Cache | None | bool = True):
     """References for a batch: an object array of mpf over the broadcast batch shape (an mpf for
     a single parameter set). ``cache=False`` skips the disk cache."""
-    core = CORE_NDIM[family]
+    core = families.TABLE[family].core_ndims
     arrays = [np.asarray(a, dtype=np.float64) for a in args]
-    if family in ("normal", "diag", "vae"):
+    if not families.TABLE[family].full:
         arrays = list(np.broadcast_arrays(*arrays))
         batch = arrays[0].shape[: arrays[0].ndim - core[0]]
     else:

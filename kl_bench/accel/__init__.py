@@ -1,0 +1,92 @@
+"""Accelerated kernels, one module per kind, chosen by the small registry below.
+
+The array path (``kl_bench.kernels``) runs one array operation per pass over memory; an accelerated
+kernel fuses a family's stable form into one pass. Today: ``numba`` (``numba_cpu.py``), for
+float32 and half-precision NumPy arrays and Torch CPU tensors. A kernel module has
+``takes(be, arrays) -> bool`` and ``kl(be, family, arrays)``; which families have which kernels is
+in ``kl_bench.families``.
+
+``KL_BENCH_KERNEL`` (environment, read at import) or ``use(...)`` (a context manager) chooses:
+``auto`` (the default: an accelerated kernel wherever one is installed, exists for the family and
+takes the arrays, else the array path), ``array`` (always the array path) or a kernel's name
+(that kernel where it takes the arrays, else the array path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from .. import families
+
+
+@dataclass(frozen=True)
+class Accelerated:
+    name: str
+    module: str  # the kernel module, relative to this package
+    requires: str  # the top-level package it compiles with
+
+    def available(self) -> bool:
+        """Is its compiler installed? Never imports it."""
+        return _installed(self.requires)
+
+    def impl(self):
+        return _module(self.module)
+
+
+REGISTRY: dict[str, Accelerated] = {k.name: k for k in (Accelerated("numba", ".numba_cpu", "numba"),)}
+ARRAY = "array"
+CHOICES = ("auto", ARRAY, *REGISTRY)
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+@functools.cache
+def _module(name: str):
+    return importlib.import_module(name, __name__)
+
+
+def _checked(choice: str, what: str) -> str:
+    if choice not in CHOICES:
+        raise ValueError(f"{what} must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return choice
+
+
+_FROM_ENVIRONMENT = _checked(os.environ.get("KL_BENCH_KERNEL", "auto"), "KL_BENCH_KERNEL")
+_choice = contextvars.ContextVar("kl_bench_kernel", default=_FROM_ENVIRONMENT)
+
+
+def chosen() -> str:
+    """The choice in force here (``use`` or ``KL_BENCH_KERNEL``)."""
+    return _choice.get()
+
+
+@contextlib.contextmanager
+def use(kernel: str):
+    """Within the block, choose ``kernel``: one of ``CHOICES``."""
+    token = _choice.set(_checked(kernel, "kernel"))
+    try:
+        yield
+    finally:
+        _choice.reset(token)
+
+
+def select(be, family: str, method: str, arrays):
+    """The kernel module to run ``family`` on ``arrays``, or None for the array path."""
+    choice = _choice.get()
+    if method != "stable" or choice == ARRAY:
+        return None
+    for name in families.TABLE[family].accelerated:
+        if choice in ("auto", name) and REGISTRY[name].available():
+            kernel = REGISTRY[name].impl()
+            if kernel.takes(be, arrays):
+                return kernel
+    return None

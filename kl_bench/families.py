@@ -1,0 +1,82 @@
+"""The KL families, one row each: every module that needs a family's facts reads them here.
+
+Adding a family means adding its row below, its kernel in ``kernels.py`` and, for the suite, its
+reference formula (``suite/reference.py``) and case generator (``suite/cases.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+# What an argument holds, per batch element.
+LOC = "loc"  # a mean
+SCALE = "scale"  # a standard deviation (> 0)
+LOGVAR = "logvar"  # a log-variance
+FACTOR = "factor"  # a lower Cholesky factor of a covariance (positive diagonal; the upper part is ignored)
+COV = "cov"  # a symmetric positive-definite covariance matrix
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # LOC, SCALE, LOGVAR, FACTOR or COV
+    core_ndim: int  # trailing axes per batch element: 0 a scalar, 1 a vector of length k, 2 a k x k matrix
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    args: tuple[Arg, ...]
+    accelerated: tuple[str, ...] = ()  # kernels of ``kl_bench.accel`` that exist for this family
+
+    # Cached: every KL call reads them.
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+    @functools.cached_property
+    def core_ndims(self) -> tuple[int, ...]:
+        return tuple(a.core_ndim for a in self.args)
+
+    @functools.cached_property
+    def elementwise(self) -> bool:
+        """One KL per element of the broadcast inputs (no axis is summed)."""
+        return max(self.core_ndims) == 0
+
+    @functools.cached_property
+    def full(self) -> bool:
+        """Full covariance: matrix arguments, linear algebra per batch element (otherwise the work
+        is elementwise and bound by memory bandwidth)."""
+        return max(self.core_ndims) == 2
+
+    def of_kind(self, *kinds: str) -> tuple[str, ...]:
+        """Names of the arguments of these kinds."""
+        return tuple(a.name for a in self.args if a.kind in kinds)
+
+
+def _family(name, *args, accelerated=()):
+    return Family(name, tuple(Arg(*a) for a in args), accelerated)
+
+
+TABLE: dict[str, Family] = {f.name: f for f in (
+    _family("normal", ("loc_p", LOC, 0), ("scale_p", SCALE, 0), ("loc_q", LOC, 0), ("scale_q", SCALE, 0)),
+    _family("diag", ("loc_p", LOC, 1), ("logvar_p", LOGVAR, 1), ("loc_q", LOC, 1), ("logvar_q", LOGVAR, 1),
+            accelerated=("numba",)),
+    _family("vae", ("loc", LOC, 1), ("logvar", LOGVAR, 1), accelerated=("numba",)),
+    _family("tril", ("loc_p", LOC, 1), ("tril_p", FACTOR, 2), ("loc_q", LOC, 1), ("tril_q", FACTOR, 2)),
+    _family("cov", ("loc_p", LOC, 1), ("cov_p", COV, 2), ("loc_q", LOC, 1), ("cov_q", COV, 2)),
+)}
+NAMES = tuple(TABLE)
+
+
+def get(name: str) -> Family:
+    try:
+        return TABLE[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def with_kernel(kernel: str) -> tuple[str, ...]:
+    """The families that an accelerated kernel exists for."""
+    return tuple(f.name for f in TABLE.values() if kernel in f.accelerated)
