@@ -72,7 +72,8 @@ def half_phi(be, x):
     positive = 0.5 * xp.expm1(xa) - 0.5 * xp.minimum(xa, finfo.max)
     near_overflow = xa > math.log(finfo.max)
     half_exp = xp.exp(0.5 * xp.where(near_overflow, xa, high))
-    positive = xp.where(near_overflow, (0.5 * half_exp) * half_exp - 0.5 * xa, positive)
+    # minimum() again: at x = inf the result is inf, not inf - inf
+    positive = xp.where(near_overflow, (0.5 * half_exp) * half_exp - 0.5 * xp.minimum(xa, finfo.max), positive)
     return xp.where(below, negative, xp.where(above, positive, series))
 
 
@@ -123,15 +124,31 @@ def _two_diff(a, b):
     return hi, lo
 
 
+def _scaled_difference(be, a, b, scale):
+    """(a - b) / scale, also where a - b overflows but the quotient does not."""
+    xp = be.xp
+    d = a - b
+    overflowed = xp.isinf(d) & xp.isfinite(a) & xp.isfinite(b)
+    halves = 2.0 * ((0.5 * xp.where(overflowed, a, 0.0) - 0.5 * xp.where(overflowed, b, 0.0)) / scale)
+    return xp.where(overflowed, halves, d / scale)
+
+
 def _half_scaled_square(be, dmu, logvar):
     """dmu^2 exp(-logvar) / 2, without overflow or underflow wherever the result is representable."""
     xp = be.xp
     finfo = xp.finfo(dmu.dtype)
     direct = (0.5 * dmu) * dmu * xp.exp(-logvar)
-    scaled = dmu * xp.exp(-0.5 * logvar)
+    half = xp.exp(-0.5 * logvar)
+    # e^(-logvar/2) itself out of range (|logvar| > 2 ln max): two factors of e^(-logvar/4)
+    half_ok = (half <= finfo.max) & (half >= finfo.smallest_normal)
+    quarter = xp.exp(-0.25 * xp.where(half_ok, 0.0, logvar))
+    scaled = xp.where(half_ok, dmu * half, (dmu * quarter) * quarter)
     ok = (direct <= finfo.max) & (direct >= finfo.smallest_normal)
     # dmu = 0 contributes 0 even where e^-logvar overflows (0 * inf would be NaN).
     return xp.where(dmu == 0.0, 0.0, xp.where(ok, direct, (0.5 * scaled) * scaled))
+
+
+NOT_POSITIVE_DEFINITE = "is not positive definite"  # kl.py explains it further when it raises
 
 
 def _nan_where(be, bad, kl):
@@ -153,7 +170,7 @@ def kl_normal(be, loc_p, scale_p, loc_q, scale_q, *, method, check):
         dmu = loc_p - loc_q
         kl = xp.log(scale_q / scale_p) + (scale_p**2 + dmu**2) / (2.0 * scale_q**2) - 0.5
     else:
-        z = (loc_p - loc_q) / scale_q
+        z = _scaled_difference(be, loc_p, loc_q, scale_q)
         kl = half_log_ratio_term(be, scale_p, scale_q) + (0.5 * z) * z
     problems = _positive_problems(check, scale_p=scale_p, scale_q=scale_q)
     return _mask_problems(be, kl, problems), problems
@@ -195,13 +212,13 @@ def _any_nan(xp, *arrays_and_core_ndims):
     return found
 
 
-def _sanitised(be, nan_rows, loc_p, mat_p, loc_q, mat_q):
-    """Replace batch elements holding NaN by N(0, I) so linear algebra cannot fail on them;
-    their result is set to NaN afterwards."""
+def _sanitised(be, invalid, loc_p, mat_p, loc_q, mat_q):
+    """Replace invalid batch elements (NaN, or a factor that cannot be solved with) by N(0, I) so
+    linear algebra cannot fail on them; their result is set to NaN afterwards."""
     xp = be.xp
     eye = be.eye_like(mat_p)
-    rows = nan_rows[..., None]
-    mats = nan_rows[..., None, None]
+    rows = invalid[..., None]
+    mats = invalid[..., None, None]
     return (
         xp.where(rows, 0.0, loc_p),
         xp.where(mats, eye, mat_p),
@@ -224,14 +241,16 @@ def _sum_last2(xp, x):
 def kl_tril(be, loc_p, tril_p, loc_q, tril_q, *, method, check):
     xp = be.xp
     k = tril_p.shape[-1]
-    nan_rows = _any_nan(xp, (loc_p, 1), (tril_p, 2), (loc_q, 1), (tril_q, 2))
+    non_positive = {name: xp.any(xp.linalg.diagonal(f) <= 0, axis=-1) for name, f in (("tril_p", tril_p), ("tril_q", tril_q))}
+    # rows that linear algebra must not see (a zero on the diagonal makes the solve fail): NaN out
+    invalid = _any_nan(xp, (loc_p, 1), (tril_p, 2), (loc_q, 1), (tril_q, 2)) | non_positive["tril_p"] | non_positive["tril_q"]
     problems = {}
     if check:
         for name, factor in (("tril_p", tril_p), ("tril_q", tril_q)):
-            problems[name, "has a non-positive diagonal"] = xp.any(xp.linalg.diagonal(factor) <= 0, axis=-1)
+            problems[name, "has a non-positive diagonal"] = non_positive[name]
             upper = xp.abs(xp.triu(factor, k=1)) > 0  # False for NaN: NaN input gives NaN, not an error
             problems[name, "is not lower triangular"] = xp.any(upper, axis=(-2, -1))
-    loc_p, tril_p, loc_q, tril_q = _sanitised(be, nan_rows, loc_p, tril_p, loc_q, tril_q)
+    loc_p, tril_p, loc_q, tril_q = _sanitised(be, invalid, loc_p, tril_p, loc_q, tril_q)
     tril_p, tril_q = xp.tril(tril_p), xp.tril(tril_q)
     diag_p, diag_q = xp.linalg.diagonal(tril_p), xp.linalg.diagonal(tril_q)
     dmu = (loc_p - loc_q)[..., None]
@@ -246,7 +265,7 @@ def kl_tril(be, loc_p, tril_p, loc_q, tril_q, *, method, check):
         off_diagonal = xp.tril(solved[..., :k], k=-1)
         squares = _sum_last2(xp, off_diagonal * off_diagonal) + xp.sum(solved[..., k] ** 2, axis=-1)
         kl = xp.sum(half_log_ratio_term(be, diag_p, diag_q), axis=-1) + 0.5 * squares
-    return _mask_problems(be, kl, problems, nan_rows), problems
+    return _mask_problems(be, kl, problems, invalid), problems
 
 
 def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
@@ -272,8 +291,9 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         half = be.solve_triangular(factor_q, xp.matrix_transpose(solved[..., :k]))
         m = 0.5 * (half + xp.matrix_transpose(half))
         lam = xp.linalg.eigvalsh(m)
+        # Positive-definiteness is decided by each matrix's own factorisation: an eigenvalue <= -1
+        # of M from rounding (S_p far narrower than S_q) takes the log-determinant route below.
         factor_p, bad_p = be.cholesky_ex(cov_p)
-        bad_p = bad_p | xp.any(lam <= -1.0, axis=-1)
         lam = xp.where(bad_p[..., None], 0.0, lam)
         factor_p = xp.where(bad_p[..., None, None], be.eye_like(factor_p), factor_p)
         # Eigenvalues come with an absolute error, which log1p(lambda) magnifies by 1/(1 + lambda)
@@ -293,7 +313,7 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         bad = bad | bad_p
     problems = {}
     if check:
-        problems = {("cov_p", "is not positive definite"): bad_p, ("cov_q", "is not positive definite"): bad_q}
+        problems = {("cov_q", NOT_POSITIVE_DEFINITE): bad_q, ("cov_p", NOT_POSITIVE_DEFINITE): bad_p}
     return _nan_where(be, bad, kl), problems
 
 

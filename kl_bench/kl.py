@@ -58,7 +58,7 @@ def _call(family, values, method, validate):
     else:
         kl, problems = kernels.compiled(be, family, method, validate)(*arrays)
     if validate and not traced:
-        _raise_problems(be, problems)
+        _raise_problems(be, problems, dict(zip(fam.names, arrays)))
     if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):
         kl = be.xp.astype(kl, result_dtype)
     return kl
@@ -137,9 +137,25 @@ def _listing(shapes):
     return ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
 
 
-def _raise_problems(be, problems):
+def _raise_problems(be, problems, named):
     for (name, message), mask in problems.items():
         if be.any(mask):
             where = np.argwhere(np.atleast_1d(be.to_numpy(mask)))
-            at = f" (first at batch index {tuple(int(i) for i in where[0])})" if mask.ndim else ""
+            first = tuple(int(i) for i in where[0])
+            at = f" (first at batch index {first})" if mask.ndim else ""
+            if message == kernels.NOT_POSITIVE_DEFINITE:
+                matrix = be.to_numpy(named[name])
+                message = _why_not_factored(matrix[first] if mask.ndim else matrix, be.dtype_name(named[name].dtype))
             raise ValueError(f"{name} {message}{at}")
+
+
+def _why_not_factored(matrix: np.ndarray, dtype: str) -> str:
+    """Why a covariance matrix's Cholesky factorisation failed: it is indefinite, or positive
+    definite as far as float64 eigenvalues tell but too ill-conditioned to factor in ``dtype``."""
+    eigenvalues = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
+    smallest, largest = eigenvalues[0], eigenvalues[-1]
+    noise = len(eigenvalues) * np.finfo(np.float64).eps * abs(largest)
+    if not np.isfinite(eigenvalues).all() or smallest < -noise or largest <= 0:
+        return f"{kernels.NOT_POSITIVE_DEFINITE} (smallest eigenvalue {smallest:.3g})"
+    cond = f"{largest / smallest:.2g}" if smallest > noise else f"at least {abs(largest) / noise:.2g}"
+    return f"cannot be factored in {dtype}: it is numerically singular (condition number {cond})"

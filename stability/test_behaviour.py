@@ -8,7 +8,7 @@ import pytest
 import kl_bench
 from kl_bench import families, kl
 from kl_bench.backends import FLOAT_DTYPES
-from kl_bench.suite import accuracy, cases
+from kl_bench.suite import accuracy, bounds, cases, metrics, reference
 from kl_bench.suite.subjects import Subject
 
 from .conftest import case_set
@@ -115,3 +115,42 @@ def test_suite_catches_the_misprinted_seed_formula(monkeypatch):
         kernels.compiled.cache_clear()
     assert row["ok"] is False
     assert row["max_ulps"] > 1e10
+
+
+# Inputs whose intermediate values leave the float64 range although the KL does not.
+EXTREME_INPUTS = [
+    ("normal", [1e308, 1e300, -1e308, 1e300]),  # loc_p - loc_q overflows; the KL is 2e16
+    ("diag", [[5e-324], [-1488.0], [0.0], [-1488.0]]),  # e^(-logvar_q) overflows; the KL is 0.207
+    ("diag", [[1e300], [1488.0], [0.0], [1488.0]]),  # e^(-logvar_q) underflows
+]
+
+
+@pytest.mark.parametrize("family, args", EXTREME_INPUTS)
+def test_intermediate_overflow_does_not_reach_the_result(kl_target, kl_dtype_skip, family, args):
+    kl_dtype_skip(kl_target, "float64", family)
+    arrays = [np.asarray(a, dtype=np.float64) for a in args]
+    subnormal = any(((a != 0) & (np.abs(a) < np.finfo(np.float64).smallest_normal)).any() for a in arrays)
+    if subnormal and kl_target.backend == "jax":
+        pytest.skip("XLA reads subnormal inputs as zero (denormals-are-zero)")
+    computed = float(np.ravel(kl_target.run(family, arrays, "float64"))[0])
+    exact = reference.evaluate(family, *arrays)
+    assert metrics.ulps(computed, exact, "float64") <= bounds.ulp_bound(family, "float64", 1), (computed, exact)
+
+
+@pytest.mark.parametrize("logvar, expected", [(np.inf, np.inf), (-np.inf, np.inf)])
+def test_infinite_log_variances_give_the_limit(kl_target, logvar, expected):
+    """phi(+-inf) = +inf: a variance of 0 or infinity makes the KL infinite; inf - inf is NaN."""
+    vae = kl_target.be.to_numpy(_call(kl_target, "vae", [np.zeros(2), np.array([0.0, logvar])]))
+    assert vae == expected
+    diag = [np.zeros(1), np.array([logvar]), np.zeros(1), np.zeros(1)]
+    assert kl_target.be.to_numpy(_call(kl_target, "diag", diag)) == expected
+    assert kl_target.be.to_numpy(_call(kl_target, "diag", diag[2:] + diag[:2])) == np.inf  # logvar_q infinite
+    both = [np.zeros(1), np.array([logvar]), np.zeros(1), np.array([logvar])]
+    assert np.isnan(kl_target.be.to_numpy(_call(kl_target, "diag", both)))
+
+
+def test_a_factor_with_a_zero_on_its_diagonal_spoils_only_its_own_row(kl_subject):
+    """validate=False: the other rows are computed, that row is NaN (no LinAlgError for the batch)."""
+    tril_q = np.stack([np.eye(3), np.diag([1.0, 0.0, 1.0]), 2 * np.eye(3)])
+    out = kl_subject.be.to_numpy(_call(kl_subject, "tril", [np.zeros(3), np.eye(3), np.zeros(3), tril_q], validate=False))
+    assert out[0] == 0 and np.isnan(out[1]) and abs(out[2] - (3 / 8 + 3 * np.log(2) - 1.5)) < 1e-12

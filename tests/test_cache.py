@@ -21,7 +21,7 @@ def test_value_is_stored_and_reused(cache):
     assert (cache.misses, cache.hits) == (1, 0)
     again = reference.Cache(cache.directory).value(*ARGS)  # a new process would see the same file
     assert again == first
-    assert first == reference.validated(*ARGS)
+    assert first == reference.certified(*ARGS).value
     assert mpmath.frexp(first)[0] != mpmath.frexp(mpmath.mpf(float(first)))[0]  # more than 53 bits kept
 
 

@@ -74,7 +74,7 @@ def test_cli_exit_codes_and_report():
     assert failed.returncode == 1
     lines = failed.stdout.splitlines()
     assert lines[0].startswith("FAIL") and "regime" in lines[2]
-    assert "Worst case: cov/" in failed.stdout and "arg3 = np.array([[[" in failed.stdout  # reproducible inputs
+    assert "Worst case: cov/" in failed.stdout and "cov_q = np.asarray(np.vectorize(float.fromhex)([[['" in failed.stdout
 
 
 @pytest.mark.parametrize("args", [
@@ -95,3 +95,83 @@ def test_check_imports_only_the_named_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("[]")
+
+
+# --- the guard knows its dtype, and says what to do --------------------------------------------
+
+
+def _scaled(fn, factor):
+    def off(*args):
+        return (np.asarray(fn(*args), dtype=np.float64) * factor).astype(np.result_type(args[0]))
+
+    return off
+
+
+def test_the_result_unpacks_as_cases_and_passed():
+    cases, passed = kl_bench.check(corpus.correct_vae, family="vae", dtype="float32")
+    assert passed and len(cases) > 100
+
+
+def test_the_default_allowance_is_the_promised_bound_of_the_dtype():
+    """3 % off in float16 is about 30 ulps: the old fixed 64 ulps passed it, the promised 1 ulp does not;
+    a float64 computation rounded once to float16 passes."""
+    assert not check(_scaled(corpus.correct_vae, 1.03), family="vae", dtype="float16").passed
+    assert check(corpus.correct_vae, family="vae", dtype="float16").passed
+    assert check(_scaled(corpus.correct_vae, 1.03), family="vae", dtype="float16", max_ulps=64).passed
+
+
+def test_bfloat16_twenty_percent_off_fails():
+    torch = pytest.importorskip("torch")
+
+    def correct(loc, logvar):  # float64 inside, rounded once to the input's dtype
+        return torch.as_tensor(corpus.correct_vae(loc.double().numpy(), logvar.double().numpy())).to(loc.dtype)
+
+    def off(loc, logvar):
+        return (correct(loc, logvar).double() * 1.2).to(loc.dtype)
+
+    assert check(correct, family="vae", dtype="bfloat16", backend="torch").passed
+    result = check(off, family="vae", dtype="bfloat16", backend="torch")
+    assert not result.passed and "promised bound for vae in bfloat16" in result.report()
+
+
+def test_the_report_gives_the_worst_failure_per_regime_the_cause_and_a_reproduction(capsys):
+    result = check(corpus.textbook_vae, family="vae")
+    table = result.table().set_index(["regime", "param"])
+    collapse = result.cases[(result.cases.regime == "collapse") & (result.cases.param == 1e-12)]
+    assert table.loc[("collapse", 1e-12), "worst_ulps"] == collapse.ulps.max()
+    report = result.report()
+    assert "- collapse: posterior collapse" in report and "- generic:" not in report
+    snippet = result.reproduction()
+    assert snippet.startswith("import numpy as np\nfrom tests.fault_corpus import textbook_vae")
+    exec(compile(snippet, "<reproduction>", "exec"), {})
+    printed = capsys.readouterr().out
+    assert float(printed.strip().strip("[]")) == result.worst().computed  # the same value, to the last bit
+
+
+def test_every_case_raising_is_said_up_front():
+    torch = pytest.importorskip("torch")
+
+    def torch_only(loc, logvar):
+        return 0.5 * torch.sum(torch.special.expm1(logvar) - logvar + loc**2, dim=-1)
+
+    report = check(torch_only, family="vae").report()
+    lines = report.splitlines()
+    assert lines[0].startswith("FAIL") and lines[1].startswith("Every case raised; the first: TypeError")
+    assert "--backend numpy|torch|jax" in lines[1]
+
+
+def test_nan_where_the_exact_kl_overflows_the_dtype_is_named():
+    def nan_for_inf(*args):
+        out = corpus.correct_diag(*args)
+        return np.where(np.isinf(out), np.nan, out)
+
+    result = check(nan_for_inf, family="diag", dtype="float32")
+    assert (result.cases.reason == "NaN where the exact KL is +inf (beyond float32's range)").any()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1"])
+def test_bad_max_ulps_is_a_usage_error_before_any_work(value):
+    result = _cli("no_such_module_xyz:f", "--family", "vae", "--max-ulps", value)
+    assert result.returncode == 2 and "--max-ulps must be a number >= 0" in result.stderr
+    with pytest.raises(ValueError, match="max_ulps must be a number >= 0"):
+        check(corpus.correct_vae, family="vae", max_ulps=float(value))

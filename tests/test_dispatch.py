@@ -7,6 +7,7 @@ import kl_bench
 from kl_bench import backends
 
 EYE = np.eye(3)
+INDEFINITE = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # symmetric, eigenvalues 3, 1, -1
 
 
 def test_python_scalars_and_lists_become_numpy_float64():
@@ -49,6 +50,9 @@ def test_unknown_method():
         (lambda: kl_bench.kl_cov(np.zeros(3), EYE, np.zeros(3), -EYE), "cov_q is not positive definite"),
         (lambda: kl_bench.kl_cov(np.zeros(3), np.diag([1.0, -1.0, 1.0]), np.zeros(3), EYE), "cov_p is not positive definite"),
         (lambda: kl_bench.kl_cov(np.zeros((2, 3)), EYE, np.zeros((4, 3)), EYE), "batch shapes do not broadcast"),
+        (lambda: kl_bench.kl_cov(np.zeros(3), EYE, np.zeros(3), INDEFINITE), r"^cov_q is not positive definite \(smallest eigenvalue -1\)$"),
+        (lambda: kl_bench.kl_cov(np.zeros(2), EYE[:2, :2], np.zeros(2), np.ones((2, 2))),
+         "^cov_q cannot be factored in float64: it is numerically singular"),
     ],
 )
 def test_bad_input_names_the_argument(call, message):
@@ -154,3 +158,19 @@ def test_an_unknown_kernel_is_a_clear_error():
     env = dict(os.environ, KL_BENCH_KERNEL="fast")
     result = subprocess.run([sys.executable, "-c", "import kl_bench"], capture_output=True, text=True, env=env)
     assert result.returncode != 0 and "KL_BENCH_KERNEL must be one of auto, array, numba, got 'fast'" in result.stderr
+
+
+def test_a_covariance_that_factors_gives_a_finite_kl_however_ill_conditioned():
+    """cond(S_q) = 1e15 (k = 64) and a well-conditioned S_p: both factor, so the KL is finite (its
+    rounding-level eigenvalues <= -1 of S_q^-1 S_p - I take the log-determinant route)."""
+    from kl_bench.suite import reference
+
+    rng = np.random.default_rng(3)
+    q = np.linalg.qr(rng.normal(size=(64, 64)))[0]
+    s_q = q @ np.diag(np.logspace(0, -15, 64)) @ q.T
+    s_q = 0.5 * (s_q + s_q.T)
+    a = rng.normal(size=(64, 64))
+    s_p = a @ a.T / 64 + np.eye(64)
+    computed = kl_bench.kl_cov(np.zeros(64), s_p, np.zeros(64), s_q)
+    exact = float(reference.kl_cov(np.zeros(64), s_p, np.zeros(64), s_q))
+    assert np.isfinite(computed) and abs(computed - exact) <= 1e-2 * exact

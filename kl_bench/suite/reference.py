@@ -1,27 +1,37 @@
-"""High-precision references: the exact KL of the distributions that float64 inputs define.
+"""Certified references: the exact KL of the distributions that float64 inputs define.
 
 The five functions mirror ``kl_bench.kl_*`` (same arguments, NumPy-style broadcasting) for float64
-inputs and return mpmath numbers (an object array of them for a batch). Each value is the textbook
-formula evaluated in mpmath, so it shares nothing with the stable kernels but the mathematics.
+inputs and return mpmath numbers (an object array of them for a batch). Each value is certified
+(docs/design.md, "References"): every float input is read as the exact binary number it is; the
+rational part of the KL (squares, quadratic forms, traces, exact triangular solves and LDL^T
+pivots) is computed exactly in rationals (python-flint's fmpq), and only the transcendental part,
+sums of
 
-Precision rule (self-validation): evaluate at 128 bits, then at twice the precision, and so on;
-accept the newer value as soon as two successive values agree to ``AGREE_BITS`` (100) bits
-relative, i.e. well past the 53 bits of float64 being judged. The older value then has 100 correct
-bits and the newer one far more, whatever cancellation the formula suffered. A KL that is exactly
-zero (p == q, bit for bit) is returned as 0 without evaluation: it is the one value the rule
-could not confirm. gmpy2, when installed, makes mpmath several times faster.
+    phi(x) = e^x - 1 - x,   psi(u) = u - log1p(u),   c e^y     (x, u, c, y exact rationals)
+
+in ball arithmetic (python-flint's arb), at 128 bits, then twice that, and so on, until the ball
+is exactly a number, or its relative radius is below 2^-``CERTIFIED_BITS`` and both of its ends
+round to the same float64 (possibly +inf). Past ``MAX_PREC`` bits: ``ArithmeticError``, never an
+uncertified number. The exact LDL^T also certifies that a covariance is positive definite. A KL
+that is exactly zero (p == q, bit for bit) is 0 without evaluation; a NaN input gives NaN.
+
+The textbook formulas in mpmath (``mp_*``) are kept as an independent cross-check at a fixed, very
+high precision (the tests), and for the gradient tests' numerical derivatives.
 
 Values are cached on disk (``KL_BENCH_CACHE``, default ``~/.cache/kl-bench/reference``), one file
-per value, keyed by the family, the input bytes and ``REFERENCE_VERSION``; each file carries a
-checksum, and a corrupt or truncated file is recomputed and rewritten, never trusted.
+per value with its certificate (precision, radius), keyed by the family, the input bytes and
+``REFERENCE_VERSION``; each file carries a checksum, and a corrupt or truncated file is recomputed
+and rewritten, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mpmath
@@ -29,14 +39,14 @@ import numpy as np
 
 from .. import families
 
-REFERENCE_VERSION = 2  # bump whenever a formula below changes: old cache entries stop matching
+REFERENCE_VERSION = 3  # bump whenever a formula below changes: old cache entries stop matching
 START_PREC = 128
-AGREE_BITS = 100
+CERTIFIED_BITS = 70
 MAX_PREC = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
-# The textbook formulas in mpmath, at the current working precision. Inputs are mpf values,
+# The textbook formulas in mpmath, at the current working precision (a cross-check). Inputs are mpf values,
 # lists of them (vectors) and lists of lists (matrices).
 # ---------------------------------------------------------------------------------------------
 
@@ -119,6 +129,249 @@ def to_mp(x: np.ndarray):
     return [to_mp(v) for v in x]
 
 
+# ---------------------------------------------------------------------------------------------
+# Certified values: exact rationals, and balls for the transcendental terms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certified:
+    """A reference value: ``value`` (the ball's midpoint, exactly) is within 2^``radius_log2`` of
+    the exact KL (``radius_log2`` None: it is the exact KL); ``prec`` is the working precision that
+    certified it (0: no ball was needed)."""
+
+    value: mpmath.mpf
+    radius_log2: int | None
+    prec: int
+
+    @property
+    def relative_radius(self) -> float:
+        """An upper bound on |value - exact| / |value| (0 for an exact value)."""
+        if self.radius_log2 is None or self.value == 0 or mpmath.isnan(self.value):
+            return 0.0
+        return float(mpmath.ldexp(1, self.radius_log2) / abs(self.value))
+
+
+@dataclass
+class Terms:
+    """KL = 1/2 [rational + sum psi(u) + sum phi(x) + sum c e^y]: every term >= 0."""
+
+    rational: object = None  # an fmpq
+    psi: list = field(default_factory=list)  # u > -1
+    phi: list = field(default_factory=list)  # x
+    exp: list = field(default_factory=list)  # (c, y), c >= 0
+
+    def __iadd__(self, other: Terms) -> Terms:
+        self.rational += other.rational
+        self.psi += other.psi
+        self.phi += other.phi
+        self.exp += other.exp
+        return self
+
+    def ball(self, prec: int):
+        """The KL as an arb ball at ``prec`` bits."""
+        from flint import arb, ctx
+
+        with ctx.workprec(prec):
+            total = arb(self.rational)
+            for u in self.psi:
+                if u:
+                    a = arb(u)
+                    total += a - a.log1p()
+            for x in self.phi:
+                if x:
+                    total += arb(x).expm1() - arb(x)
+            for c, y in self.exp:
+                if c:
+                    total += arb(c) * arb(y).exp()
+            return total / 2
+
+
+def _q(x) -> object:
+    """A float as the exact rational it is."""
+    from flint import fmpq
+
+    return fmpq(*float(x).as_integer_ratio())
+
+
+def _qs(a: np.ndarray) -> list:
+    return [_q(v) for v in np.ravel(a)]
+
+
+def _terms_normal(mu_p, s_p, mu_q, s_q) -> Terms:
+    s_p, s_q = _positive(s_p, "scale_p"), _positive(s_q, "scale_q")
+    z = (_q(mu_p) - _q(mu_q)) / s_q
+    return Terms(rational=z * z, psi=[(s_p / s_q) ** 2 - 1])
+
+
+def _terms_diag(mu_p, l_p, mu_q, l_q) -> Terms:
+    l_p, l_q = _qs(l_p), _qs(l_q)
+    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
+    return Terms(rational=_q(0), phi=[a - b for a, b in zip(l_p, l_q)], exp=[(d * d, -b) for d, b in zip(dmu, l_q)])
+
+
+def _terms_vae(mu, logvar) -> Terms:
+    return Terms(rational=sum((m * m for m in _qs(mu)), _q(0)), phi=_qs(logvar))
+
+
+def _positive(x, name):
+    value = _q(x)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive")
+    return value
+
+
+def _matrix(a: np.ndarray):
+    from flint import fmpq_mat
+
+    k = a.shape[-1]
+    return fmpq_mat(k, k, _qs(a))
+
+
+def _solve(a, columns: list[np.ndarray | object]):
+    """a^-1 [columns], exactly (``a`` an invertible fmpq_mat; columns fmpq_mat or vectors)."""
+    from flint import fmpq_mat
+
+    k = a.nrows()
+    rhs = fmpq_mat(k, len(columns), [c[i] for i in range(k) for c in columns])
+    return a.solve(rhs)
+
+
+def _terms_tril(mu_p, tril_p, mu_q, tril_q) -> Terms:
+    k = tril_p.shape[-1]
+    l_p, l_q = _matrix(np.tril(tril_p)), _matrix(np.tril(tril_q))
+    for name, factor in (("tril_p", l_p), ("tril_q", l_q)):
+        if any(factor[i, i] <= 0 for i in range(k)):
+            raise ValueError(f"{name} has a non-positive diagonal")
+    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
+    # E = L_q^-1 (L_p - L_q) and z = L_q^-1 dmu, exactly; A = I + E has diagonal r_i = L_p,ii / L_q,ii.
+    difference = l_p - l_q
+    solved = _solve(l_q, [[difference[i, j] for i in range(k)] for j in range(k)] + [dmu])
+    squares = sum((solved[i, j] ** 2 for j in range(k) for i in range(j + 1, k)), _q(0))
+    squares += sum((solved[i, k] ** 2 for i in range(k)), _q(0))
+    return Terms(rational=squares, psi=[(l_p[i, i] / l_q[i, i]) ** 2 - 1 for i in range(k)])
+
+
+def ldl_pivots(matrix, name: str = "matrix") -> list:
+    """The pivots D of the exact LDL^T of a symmetric fmpq_mat: all > 0 exactly when it is
+    positive definite; ``ValueError`` naming it otherwise."""
+    k = matrix.nrows()
+    a = [[matrix[i, j] for j in range(k)] for i in range(k)]
+    pivots = []
+    for j in range(k):
+        d = a[j][j]
+        if d <= 0:
+            raise ValueError(f"{name} is not positive definite (exact LDL^T pivot {j} is {float(d):.3g})")
+        pivots.append(d)
+        for i in range(j + 1, k):  # the trailing lower triangle, minus column j's outer product / d
+            factor = a[i][j] / d
+            for t in range(j + 1, i + 1):
+                a[i][t] -= factor * a[t][j]
+    return pivots
+
+
+def _symmetric(m: np.ndarray):
+    """A covariance matrix as an exact rational matrix, read as symmetric: (S + S^T) / 2."""
+    from flint import fmpq_mat
+
+    k = m.shape[-1]
+    return fmpq_mat(k, k, [(_q(m[i, j]) + _q(m[j, i])) / 2 for i in range(k) for j in range(k)])
+
+
+def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
+    k = cov_p.shape[-1]
+    s_p, s_q = _symmetric(cov_p), _symmetric(cov_q)
+    pivots_p, pivots_q = ldl_pivots(s_p, "cov_p"), ldl_pivots(s_q, "cov_q")
+    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
+    solved = _solve(s_q, [[s_p[i, j] for i in range(k)] for j in range(k)] + [dmu])  # S_q^-1 [S_p | dmu]
+    ratios = [p / q for p, q in zip(pivots_p, pivots_q)]  # det S_p / det S_q = prod ratios
+    # tr(S_q^-1 S_p) - k - ln(det S_p / det S_q) = sum psi(ratio - 1) + (trace - sum ratios)
+    rest = sum((solved[i, i] for i in range(k)), _q(0)) - sum(ratios, _q(0))
+    quad = sum((d * solved[i, k] for i, d in enumerate(dmu)), _q(0))
+    return Terms(rational=rest + quad, psi=[r - 1 for r in ratios])
+
+
+TERMS = {"normal": _terms_normal, "diag": _terms_diag, "vae": _terms_vae, "tril": _terms_tril, "cov": _terms_cov}
+
+
+def _nearest(man: int, exp: int) -> float:
+    """man * 2^exp rounded to the nearest float64 (ties to even: Python's int arithmetic is exact
+    and its true division correctly rounded; +-inf beyond the range)."""
+    try:
+        return float(man << exp) if exp >= 0 else man / (1 << -exp)
+    except OverflowError:
+        return math.copysign(math.inf, man)
+
+
+def _round(point) -> float:
+    """An exact arb as the nearest float64."""
+    return _nearest(*(int(v) for v in point.man_exp()))
+
+
+def mantissa_exponent(value: mpmath.mpf) -> tuple[int, int]:
+    """A finite mpf as integers (man, exp) with value = man * 2^exp, exactly."""
+    sign, man, exp, _ = value._mpf_
+    return (-int(man) if sign else int(man)), int(exp)
+
+
+def nearest_float64(value: mpmath.mpf) -> float:
+    """A reference value rounded to the nearest float64."""
+    return math.nan if mpmath.isnan(value) else _nearest(*mantissa_exponent(value))
+
+
+def _settled(ball) -> bool:
+    if ball.is_exact():
+        return True
+    if ball.rel_accuracy_bits() < CERTIFIED_BITS:
+        return False
+    return _round(ball.lower()) == _round(ball.upper())
+
+
+def _log2_above(radius) -> int:
+    """The least e with radius <= 2^e."""
+    man, exp = (int(v) for v in radius.upper().man_exp())
+    return exp + man.bit_length()
+
+
+def _as_mp(point) -> mpmath.mpf:
+    man, exp = (int(v) for v in point.man_exp())
+    with mpmath.workprec(max(53, man.bit_length())):  # exactly, not rounded to the context's precision
+        return mpmath.mpf((man, exp))
+
+
+def terms(family: str, parts) -> Terms:
+    """The exact rational preparation of one parameter set; full covariances whose nonzero pattern
+    splits into independent blocks are prepared block by block (the KL is the sum)."""
+    if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
+        total = Terms(rational=_q(0))
+        for b in blocks:
+            total += TERMS[family](*[p[b] if p.ndim == 1 else p[np.ix_(b, b)] for p in parts])
+        return total
+    return TERMS[family](*parts)
+
+
+def certified(family: str, parts) -> Certified:
+    """The certified reference for one parameter set (float64 NumPy arrays)."""
+    if any(np.isnan(p).any() for p in parts):
+        return Certified(mpmath.mpf("nan"), None, 0)
+    if not all(np.isfinite(p).all() for p in parts):
+        names = [n for n, p in zip(families.TABLE[family].names, parts) if not np.isfinite(p).all()]
+        raise ValueError(f"{family} reference: {', '.join(names)} holds an infinity; only finite and NaN inputs have a reference")
+    if is_exactly_zero(family, parts):
+        return Certified(mpmath.mpf(0), None, 0)
+    from flint import ctx
+
+    prepared = terms(family, parts)
+    prec = START_PREC
+    while prec <= MAX_PREC:
+        with ctx.workprec(prec):  # the ends of the ball, exactly (below the precision they would be rounded)
+            ball = prepared.ball(prec)
+            if _settled(ball):
+                return Certified(_as_mp(ball.mid()), None if ball.is_exact() else _log2_above(ball.rad()), prec)
+        prec *= 2
+    raise ArithmeticError(f"{family} reference not certified at {MAX_PREC} bits")
+
+
 def is_exactly_zero(family: str, parts) -> bool:
     """KL is exactly 0 when p and q are the same distribution, bit for bit."""
     if family == "vae":
@@ -141,29 +394,6 @@ def coupled_blocks(family: str, parts) -> list[np.ndarray]:
         pattern = np.tril(pattern)
     count, labels = connected_components(pattern, directed=False)
     return [np.flatnonzero(labels == c) for c in range(count)]
-
-
-def validated(family: str, parts) -> mpmath.mpf:
-    """The self-validated reference for one parameter set (float64 NumPy arrays)."""
-    if is_exactly_zero(family, parts):
-        return mpmath.mpf(0)
-    if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
-        # every block's KL is >= 0: the sum of 100-bit values keeps 100 bits
-        values = [validated(family, [p[b] if p.ndim == 1 else p[np.ix_(b, b)] for p in parts]) for b in blocks]
-        with mpmath.workprec(4 * START_PREC):
-            return mpmath.fsum(values)
-    fn = MP_FUNCTIONS[family]
-    prec = START_PREC
-    with mpmath.workprec(prec):
-        previous = fn(*[to_mp(p) for p in parts])
-    while prec < MAX_PREC:
-        prec *= 2
-        with mpmath.workprec(prec):
-            current = fn(*[to_mp(p) for p in parts])
-            if abs(current - previous) <= mpmath.ldexp(abs(current), -AGREE_BITS):
-                return +current
-        previous = current
-    raise ArithmeticError(f"{family} reference did not settle below {MAX_PREC} bits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,14 +427,17 @@ class Cache:
         return self.directory / key[:2] / f"{key}.json"
 
     @staticmethod
-    def _checksum(key, sign, man, exp) -> str:
-        return hashlib.sha256(f"{key}:{sign}:{man}:{exp}".encode()).hexdigest()[:32]
+    def _checksum(key, sign, man, exp, radius_log2, prec) -> str:
+        return hashlib.sha256(f"{key}:{sign}:{man}:{exp}:{radius_log2}:{prec}".encode()).hexdigest()[:32]
 
-    def get(self, key: str):
+    def get(self, key: str) -> Certified | None:
         try:
             record = json.loads(self.path(key).read_text())
             sign, man, exp = int(record["sign"]), int(record["man"]), int(record["exp"])
-            if record["key"] != key or record["check"] != self._checksum(key, sign, man, exp):
+            radius_log2, prec = record["radius_log2"], int(record["prec"])
+            if radius_log2 is not None:
+                radius_log2 = int(radius_log2)
+            if record["key"] != key or record["check"] != self._checksum(key, sign, man, exp, radius_log2, prec):
                 raise ValueError("checksum mismatch")
         except FileNotFoundError:
             return None
@@ -212,12 +445,13 @@ class Cache:
             self.corrupt += 1
             return None
         with mpmath.workprec(max(53, man.bit_length())):  # exactly, not rounded to the context's precision
-            return mpmath.mpf((-man if sign else man, exp))
+            return Certified(mpmath.mpf((-man if sign else man, exp)), radius_log2, prec)
 
-    def put(self, key: str, value: mpmath.mpf) -> None:
-        sign, man, exp, _ = value._mpf_
+    def put(self, key: str, reference: Certified) -> None:
+        sign, man, exp, _ = reference.value._mpf_
         man = int(man)
-        record = {"key": key, "sign": sign, "man": str(man), "exp": exp, "check": self._checksum(key, sign, man, exp)}
+        record = {"key": key, "sign": sign, "man": str(man), "exp": exp, "radius_log2": reference.radius_log2,
+                  "prec": reference.prec, "check": self._checksum(key, sign, man, exp, reference.radius_log2, reference.prec)}
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -225,16 +459,20 @@ class Cache:
             json.dump(record, f)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
 
-    def value(self, family: str, parts) -> mpmath.mpf:
+    def certified(self, family: str, parts) -> Certified:
         key = self.key(family, parts)
         cached = self.get(key)
         if cached is not None:
             self.hits += 1
             return cached
         self.misses += 1
-        value = validated(family, parts)
-        self.put(key, value)
-        return value
+        reference = certified(family, parts)
+        if not mpmath.isnan(reference.value):  # NaN is immediate (and has no mantissa to store)
+            self.put(key, reference)
+        return reference
+
+    def value(self, family: str, parts) -> mpmath.mpf:
+        return self.certified(family, parts).value
 
 
 _default_cache: Cache | None = None
@@ -252,9 +490,9 @@ def default_cache() -> Cache:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(family: str, *args, cache: Cache | None | bool = True):
-    """References for a batch: an object array of mpf over the broadcast batch shape (an mpf for
-    a single parameter set). ``cache=False`` skips the disk cache."""
+def certificates(family: str, *args, cache: Cache | None | bool = True):
+    """Certified references for a batch: an object array of ``Certified`` over the broadcast batch
+    shape (one ``Certified`` for a single parameter set). ``cache=False`` skips the disk cache."""
     core = families.TABLE[family].core_ndims
     arrays = [np.asarray(a, dtype=np.float64) for a in args]
     if not families.TABLE[family].full:
@@ -268,8 +506,17 @@ def evaluate(family: str, *args, cache: Cache | None | bool = True):
     out = np.empty(batch, dtype=object)
     for index in np.ndindex(*batch):
         parts = [a[index] for a in arrays]
-        out[index] = store.value(family, parts) if store else validated(family, parts)
+        out[index] = store.certified(family, parts) if store else certified(family, parts)
     return out[()] if out.ndim == 0 else out
+
+
+def evaluate(family: str, *args, cache: Cache | None | bool = True):
+    """References for a batch: an object array of mpf over the broadcast batch shape (an mpf for
+    a single parameter set). ``cache=False`` skips the disk cache."""
+    found = certificates(family, *args, cache=cache)
+    if isinstance(found, Certified):
+        return found.value
+    return np.vectorize(lambda c: c.value, otypes=[object])(found)
 
 
 def kl_normal(loc_p, scale_p, loc_q, scale_q, *, cache=True):
