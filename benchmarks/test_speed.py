@@ -6,7 +6,8 @@ torch.distributions, numpyro, the textbook in NumPy) x family x shape x dtype, g
     pytest benchmarks --benchmark-only -m quick        # under two minutes on 2 cores
 
 The timed call synchronises (CUDA, JAX) before returning; the first call (compilation) is timed
-apart and reported in extra_info with bytes, GB/s, flops and the fraction of the measured ceiling
+apart and reported in extra_info with bytes, GB/s, flops, the fraction of the measured ceiling and
+the memory one call holds beyond its inputs (``peak_over_input``, a multiple of the largest input)
 (kl_bench.suite.timing, the same code as ``kl-bench timing``).
 """
 
@@ -42,5 +43,7 @@ def test_speed(benchmark, subject, family, dtype, batch, k):
     benchmark.group = f"{family} {dtype} B={batch} k={k}"
     benchmark.pedantic(workload, rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info["compile_seconds"] = compile_seconds
+    peak = timing.peak_bytes(workload) if subject.device == "cpu" else None
+    benchmark.extra_info["peak_over_input"] = None if peak is None else peak / workload.largest_input_bytes
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info.update(workload.throughput(benchmark.stats.stats.median))

@@ -21,6 +21,13 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
 
 
+def common_shape(shapes) -> tuple[int, ...]:
+    """The shape that ``shapes`` broadcast to (``ValueError`` where they do not); cheap when they agree."""
+    shapes = [tuple(s) for s in shapes]
+    first = shapes[0]
+    return first if all(s == first for s in shapes) else tuple(np.broadcast_shapes(*shapes))
+
+
 @functools.lru_cache(maxsize=64)
 def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]  # cached: str() of a dtype costs microseconds a call
@@ -109,6 +116,7 @@ class Backend:
         return False
 
     differentiable = False  # has grad_of_sum
+    in_blocks = False  # eager arrays whose array path runs in blocks (kl_bench.blocks)
 
     def grad_of_sum(self, fn, args) -> list:
         """d sum(fn(*args)) / d each argument, through the framework's autodiff."""
@@ -129,6 +137,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     module = "numpy"
     namespace = "array_api_compat.numpy"
+    in_blocks = True
 
     def installed(self):
         return True
@@ -178,6 +187,7 @@ class TorchBackend(Backend):
     name = "torch"
     module = "torch"
     namespace = "array_api_compat.torch"
+    in_blocks = True
 
     def owns(self, x):
         torch = sys.modules.get("torch")

@@ -34,7 +34,7 @@ from . import backends
 from .backends import FLOAT_DTYPES
 from .families import NAMES as FAMILIES
 from .kl import METHODS
-from .suite import baseline, cases, runner, tables, timing
+from .suite import baseline, cases, reference, report, runner, tables, timing
 from .suite.accuracy import accuracy_sweep
 from .suite.gradients import gradient_sweep
 from .suite.subjects import available
@@ -152,6 +152,8 @@ def _add_check(sub):
     chk.add_argument("--dtype", default="float64", choices=FLOAT_DTYPES)
     chk.add_argument("--backend", default="numpy", choices=list(backends.BACKENDS))
     chk.add_argument("--max-ulps", type=float, help="the allowance in ulps (default: kl-bench's promised bound for the family and dtype)")
+    chk.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds one call of the function (a case set) may take before it fails (default: 60)")
     chk.add_argument("--seed", type=int, default=0)
     chk.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -192,12 +194,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     backends.avoid_xla_cpu_hang()
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except OSError as exc:  # a full disk, a missing permission: the environment's fault, said in one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _cannot_run(f"{exc.strerror or exc}{where}; fix that and run the same command again")
 
 
 def _usage_error(message: str) -> int:
     print(f"kl-bench: error: {message}", file=sys.stderr)
     return 2
+
+
+def _cannot_run(message: str) -> int:
+    """The tool itself could not do its work (environment, disk, a broken installation): exit 3."""
+    print(f"kl-bench: {message}", file=sys.stderr)
+    return 3
 
 
 def _backends_or_error(args):
@@ -217,8 +229,6 @@ def _writable_dir(path: Path) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from .suite import report
-
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
@@ -229,19 +239,42 @@ def cmd_run(args) -> int:
     if args.out is not None and (problem := _writable_dir(args.out)):
         return _usage_error(problem)
     out = args.out or runner.new_run_dir()
+    if (problem := _writable_dir(out / "cells")):  # checked before the work, not after it
+        return _cannot_run(f"{problem}; choose another --out")
+    reference.default_cache().usable()  # an unusable cache is said once here, and the run goes on without it
     mode = "full" if args.full else "quick"
     start = time.perf_counter()
     print(f"kl-bench run --{mode}: backends {', '.join(names)} -> {out}", file=sys.stderr)
     cells = runner.plan(mode, args.families, args.dtypes)
     try:
-        results, reused = runner.execute(cells, out, names, runner.PLANS[mode]["compiled"], args.jobs, args.scheduler,
-                                         args.seed, args.quiet)
+        with runner.locked(out):
+            results, reused = runner.execute(cells, out, names, runner.PLANS[mode]["compiled"], args.jobs, args.scheduler,
+                                             args.seed, args.quiet)
+            frames = runner.frames({cell: results[cell] for cell in cells})
+            written = _write_run(args, out, frames)
+    except runner.Busy as exc:
+        return _cannot_run(str(exc))
     except KeyboardInterrupt:
         done = len(list((out / "cells").glob("*.parquet")))
         print(f"\ninterrupted: {done} finished cells are stored in {out}; the same command with --out {out} resumes",
               file=sys.stderr)
         return 130
-    frames = runner.frames({cell: results[cell] for cell in cells})
+    except OSError as exc:
+        return _cannot_run(f"cannot write to {out}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+                           + f"; the finished cells stay in {out / 'cells'}: make room and run the same command to resume")
+    print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
+          f"(accuracy, timing; parquet and CSV), environment.json, {written}", file=sys.stderr)
+    failed = report.failures(frames)
+    if len(failed):
+        print("\nStable kernels outside their bound:")
+        print(failed.to_string(index=False))
+        return 1
+    print("\nAll stable kernels within their bounds.")
+    return 0
+
+
+def _write_run(args, out, frames) -> str:
+    """A run's tables, environment, report and the extra files asked for; prints the worst-ulps table."""
     tables.write(out, frames)
     runner.write_environment(out, args.argv)
     md, page = report.build(out, frames)
@@ -255,20 +288,10 @@ def cmd_run(args) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(tables.markdown(worst) if worst is not None else "")
-    failed = report.failures(frames)
-    print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
-          f"(accuracy, timing; parquet and CSV), environment.json, {md.name}, {page.name}", file=sys.stderr)
-    if len(failed):
-        print("\nStable kernels outside their bound:")
-        print(failed.to_string(index=False))
-        return 1
-    print("\nAll stable kernels within their bounds.")
-    return 0
+    return f"{md.name}, {page.name}"
 
 
 def cmd_report(args) -> int:
-    from .suite import report
-
     if not args.dir.is_dir():
         return _usage_error(f"no such directory: {args.dir}")
     try:
@@ -298,7 +321,12 @@ def cmd_recommend(args) -> int:
     source = args.source or (latest if latest.is_dir() else runner.new_run_dir())
     if (problem := _writable_dir(source)):
         return _usage_error(problem)
-    choices, measured = recommend.recommend(source, args.family, batch, k, args.dtype, args.device, args.max_ulps, names, args.quiet)
+    try:
+        with runner.locked(source):  # it may measure missing cells into the run
+            choices, measured = recommend.recommend(source, args.family, batch, k, args.dtype, args.device, args.max_ulps, names,
+                                                    args.quiet)
+    except runner.Busy as exc:
+        return _cannot_run(str(exc))
     requirement = f"<= {args.max_ulps:g} ulps" if args.max_ulps is not None else "within kl-bench's promised bound on every case set"
     print(f"{args.family}, {args.dtype}, B={batch}, k={k}, {args.device}; accuracy {requirement}"
           + (f" ({measured} cells measured into {source})" if measured else f" (from {source})"))
@@ -323,6 +351,7 @@ def cmd_accuracy(args) -> int:
         return _usage_error("no subject matches --subjects/--backends here")
     if (problem := _writable_dir(args.out)):
         return _usage_error(problem)
+    reference.default_cache().usable()
     print(f"kl-bench accuracy: {args.sweep} sweep, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
     df = accuracy_sweep(args.families, subjects, args.dtypes, args.sweep, args.seed, progress=not args.quiet)
@@ -361,9 +390,12 @@ def cmd_baseline(args) -> int:
 
 def cmd_check(args) -> int:
     from .suite.checker import check
+    from .suite.isolation import UserFunction
 
     if args.max_ulps is not None and not args.max_ulps >= 0:
         return _usage_error(f"--max-ulps must be a number >= 0, got {args.max_ulps}")
+    if not args.timeout > 0:
+        return _usage_error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     module_name, _, attribute = args.target.partition(":")
     if not module_name or not attribute:
         return _usage_error(f"target must be MODULE:FUNCTION, got {args.target!r}")
@@ -376,10 +408,14 @@ def cmd_check(args) -> int:
         return _usage_error(f"cannot load {args.target}: {type(exc).__name__}: {exc}")
     if not callable(fn):
         return _usage_error(f"{args.target} is not callable")
+    reason = UserFunction(backend=args.backend, fn=fn).unavailable(args.family, args.dtype)
+    if reason:  # the backend or dtype is not available here
+        return _usage_error(reason)
     try:
-        result = check(fn, args.family, args.dtype, args.backend, max_ulps=args.max_ulps, seed=args.seed, progress=not args.quiet)
-    except ValueError as exc:  # the backend or dtype is not available here
-        return _usage_error(str(exc))
+        result = check(fn, args.family, args.dtype, args.backend, max_ulps=args.max_ulps, seed=args.seed,
+                       progress=not args.quiet, timeout=args.timeout)
+    except Exception as exc:  # the checker itself could not run: not the function's verdict
+        return _cannot_run(f"the check could not run: {type(exc).__name__}: {exc}")
     print(result.report())
     return 0 if result.passed else 1
 

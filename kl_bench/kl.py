@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import accel, backends, families, kernels
+from . import accel, backends, blocks, families, kernels
 from .backends import HALF_DTYPES
 
 METHODS = ("stable", "naive")
@@ -56,7 +56,9 @@ def _call(family, values, method, validate):
     elif (kernel := accel.select(be, family, method, arrays)) is not None:
         kl, problems = kernel.kl(be, family, arrays), {}  # accelerated families have no invalid values
     else:
-        kl, problems = kernels.compiled(be, family, method, validate)(*arrays)
+        kernel = kernels.compiled(be, family, method, validate)
+        along = blocks.plan(fam, arrays) if be.in_blocks else None
+        kl, problems = blocks.run(be, fam, kernel, arrays, along) if along else kernel(*arrays)
     if validate and not traced:
         _raise_problems(be, problems, dict(zip(fam.names, arrays)))
     if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):
@@ -81,6 +83,8 @@ def _backend_of(names, values):
 def _convert(be, names, values):
     """Arrays of ``be`` in the compute dtype, and the dtype of the result."""
     given = {name: x for name, x in zip(names, values) if be.owns(x)}
+    for name, x in given.items():
+        _real_numbers(name, be.dtype_name(x.dtype))
     if be.name != "numpy":  # NumPy has one device
         devices = {name: be.device_of(x) for name, x in given.items()}
         if len({d for d in devices.values() if d is not None}) > 1:
@@ -93,12 +97,24 @@ def _convert(be, names, values):
     for name, x in zip(names, values):
         if not be.owns(x):
             try:
-                x = np.asarray(x, dtype=np.float64)
-            except (TypeError, ValueError) as err:
+                found = np.asarray(x)
+            except (TypeError, ValueError) as err:  # ragged lists and the like
                 raise TypeError(f"{name} must be an array or a number, got {type(x).__name__}") from err
+            _real_numbers(name, found.dtype.name, type(x).__name__)
+            x = found.astype(np.float64)
         same = be.name == "numpy" and type(x) is np.ndarray and x.dtype == compute
         arrays.append(x if same else be.asarray(x, dtype=compute, device=device))
     return arrays, result_dtype
+
+
+def _real_numbers(name, dtype_name, given=None):
+    """Gaussians have real parameters: integers and booleans promote, anything else is refused
+    (None or strings would become NaN, complex numbers would lose their imaginary part)."""
+    if dtype_name.startswith(("float", "bfloat", "int", "uint", "bool")):
+        return
+    if dtype_name.startswith("complex"):
+        raise TypeError(f"{name} is complex ({dtype_name}); a Gaussian's parameters are real numbers")
+    raise TypeError(f"{name} must be an array or a number, got {given or dtype_name}")
 
 
 def _broadcast(be, fam, arrays):
@@ -106,8 +122,7 @@ def _broadcast(be, fam, arrays):
     shapes = {name: tuple(x.shape) for name, x in zip(names, arrays)}
     if not fam.full:
         try:
-            first = next(iter(shapes.values()))
-            shape = first if all(s == first for s in shapes.values()) else np.broadcast_shapes(*shapes.values())
+            shape = backends.common_shape(shapes.values())
         except ValueError:
             raise ValueError(f"shapes do not broadcast: {_listing(shapes)}") from None
         if not fam.elementwise and len(shape) == 0:

@@ -153,3 +153,45 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
     d = (mu_q - mu_p)[..., None]
     quad = (np.swapaxes(d, -1, -2) @ inv_q @ d)[..., 0, 0]
     return 0.5 * (np.trace(inv_q @ s_p, axis1=-2, axis2=-1) + quad - k + np.log(np.linalg.det(s_q) / np.linalg.det(s_p)))
+
+
+# --- misbehaving: functions that try to subvert the checker ---------------------------------
+def overwrites_inputs_vae(mu, logvar):
+    """The textbook VAE term, then the inputs zeroed (in place)."""
+    r = 0.5 * np.sum(mu**2 + np.expm1(logvar) - logvar, -1)
+    mu[...] = 0
+    logvar[...] = 0
+    return r
+
+
+def textbook_expm1_vae(mu, logvar):
+    return 0.5 * np.sum(mu**2 + np.expm1(logvar) - logvar, -1)
+
+
+def exits_vae(mu, logvar):
+    import os
+
+    os._exit(0)
+
+
+def raises_system_exit_0_vae(mu, logvar):
+    raise SystemExit(0)
+
+
+def raises_system_exit_3_vae(mu, logvar):
+    raise SystemExit(3)
+
+
+def segfaults_vae(mu, logvar):
+    import ctypes
+
+    return ctypes.string_at(0)
+
+
+def hangs_on_collapse_vae(mu, logvar):
+    """Correct, except that it never returns on one case set."""
+    if 0 < np.max(np.abs(logvar)) < 1e-10:
+        import time
+
+        time.sleep(3600)
+    return correct_vae(mu, logvar)

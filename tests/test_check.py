@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import kl_bench
@@ -175,3 +176,48 @@ def test_bad_max_ulps_is_a_usage_error_before_any_work(value):
     assert result.returncode == 2 and "--max-ulps must be a number >= 0" in result.stderr
     with pytest.raises(ValueError, match="max_ulps must be a number >= 0"):
         check(corpus.correct_vae, family="vae", max_ulps=float(value))
+
+
+# --- verdicts nobody can subvert ------------------------------------------------------------
+
+
+def test_a_function_that_overwrites_its_inputs_is_judged_like_its_twin():
+    """It gets copies: the references and this project's errors come from the checker's own arrays."""
+    sly = check(corpus.overwrites_inputs_vae, family="vae")
+    honest = check(corpus.textbook_expm1_vae, family="vae")
+    assert not sly.passed and int((~sly.cases.passed).sum()) == int((~honest.cases.passed).sum()) > 0
+    pd.testing.assert_frame_equal(sly.cases.drop(columns="case_set"), honest.cases.drop(columns="case_set"))
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("exits_vae", "ended the process (exit code 0)"),
+    ("raises_system_exit_0_vae", "raised SystemExit: 0"),
+    ("raises_system_exit_3_vae", "raised SystemExit: 3"),
+    ("segfaults_vae", "crashed the process (SIGSEGV)"),
+])
+def test_exiting_or_crashing_is_that_case_sets_failure_and_the_verdict_stays_the_checkers(target, reason):
+    result = _cli(f"tests.fault_corpus:{target}", "--family", "vae")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("FAIL: 516 of 516 cases fail") and reason in result.stdout
+
+
+def test_a_hang_is_stopped_after_the_timeout_and_the_rest_is_judged():
+    result = _cli("tests.fault_corpus:hangs_on_collapse_vae", "--family", "vae", "--timeout", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("FAIL: 64 of 516 cases fail") and "gave no result within 2 s" in result.stdout
+
+
+def test_bad_timeout_is_a_usage_error():
+    assert _cli("tests.fault_corpus:correct_vae", "--family", "vae", "--timeout", "0").returncode == 2
+
+
+def test_the_tool_failing_is_exit_3_not_a_verdict(monkeypatch, capsys):
+    from kl_bench import cli
+    from kl_bench.suite import checker
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checker, "references", broken)
+    assert cli.main(["check", "tests.fault_corpus:correct_vae", "--family", "vae", "--quiet"]) == 3
+    assert "the check could not run: OSError" in capsys.readouterr().err

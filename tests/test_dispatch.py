@@ -174,3 +174,21 @@ def test_a_covariance_that_factors_gives_a_finite_kl_however_ill_conditioned():
     computed = kl_bench.kl_cov(np.zeros(64), s_p, np.zeros(64), s_q)
     exact = float(reference.kl_cov(np.zeros(64), s_p, np.zeros(64), s_q))
     assert np.isfinite(computed) and abs(computed - exact) <= 1e-2 * exact
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, "loc must be an array or a number, got NoneType"),
+    ("abc", "loc must be an array or a number, got str"),
+    ([0.0, None], "loc must be an array or a number, got list"),
+    (1j, r"loc is complex \(complex128\)"),
+    (np.ones(2, dtype=np.complex64), r"loc is complex \(complex64\)"),
+])
+def test_what_is_not_a_real_number_is_a_type_error_naming_the_argument(value, message):
+    with pytest.raises(TypeError, match=message):
+        kl_bench.kl_vae(value, np.zeros(2))
+
+
+def test_complex_tensors_are_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"logvar is complex \(complex64\)"):
+        kl_bench.kl_vae(torch.zeros(2), torch.zeros(2, dtype=torch.complex64))

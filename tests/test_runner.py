@@ -2,7 +2,9 @@
 LocalCluster giving the same tables, the report rebuilt from tables alone, and recommend."""
 
 import json
+import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -11,6 +13,10 @@ from kl_bench.suite import report, runner
 
 SMALL = [runner.Cell("accuracy", "normal", "float64", "quick"), runner.Cell("accuracy", "vae", "float32", "quick"),
          runner.Cell("timing", "vae", "float32", "4x8")]
+
+
+def _record(cell, names=("numpy",), seed=0):
+    return runner.record(cell, list(names), False, seed)
 
 
 def _accuracy(results):
@@ -35,7 +41,7 @@ def test_cells_are_reused_and_corrupt_ones_recomputed(tmp_path, capsys):
     pd.testing.assert_frame_equal(_accuracy(again), _accuracy(first))
     path = runner.cell_path(tmp_path, SMALL[0])
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a kill mid-write without the rename
-    assert runner.load(tmp_path, SMALL[0]) is None
+    assert runner.load(tmp_path, SMALL[0], _record(SMALL[0])) == (None, "it is unreadable (truncated or corrupt)")
     third, reused = runner.execute(SMALL, tmp_path, ["numpy"], compiled=False)
     assert reused == len(SMALL) - 1
     pd.testing.assert_frame_equal(_accuracy(third), _accuracy(first))
@@ -54,7 +60,7 @@ def test_dask_local_cluster_gives_the_same_tables(tmp_path):
         on_dask, _ = runner.execute(SMALL[:2], tmp_path / "dask", ["numpy"], compiled=False, scheduler=cluster.scheduler_address,
                                     quiet=True)
     pd.testing.assert_frame_equal(_accuracy(on_dask), _accuracy(serial))
-    assert runner.load(tmp_path / "dask", SMALL[0]) is not None  # the same storage and resume logic
+    assert runner.load(tmp_path / "dask", SMALL[0], _record(SMALL[0]))[0] is not None  # the same storage and resume logic
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +101,8 @@ def test_recommend_from_a_run_and_measuring_what_is_missing(run_dir, capsys):
     assert "fastest: " in text and "runner-up: " in text and "kl_bench.kl_vae(loc, logvar)" in text and "measured" not in text
     assert cli.main(["recommend", "--family", "vae", "--shape", "8x16", "--dtype", "float32", "--from", str(run_dir), "--quiet"]) == 0
     assert "1 cells measured" in capsys.readouterr().out
-    assert runner.load(run_dir, runner.Cell("timing", "vae", "float32", "8x16")) is not None
+    cell = runner.Cell("timing", "vae", "float32", "8x16")
+    assert runner.load(run_dir, cell, runner.record(cell, backends.installed(), False, 0))[0] is not None
     assert cli.main(["recommend", "--family", "vae", "--shape", "8x16", "--dtype", "float32", "--from", str(run_dir),
                      "--max-ulps", "0.01"]) == 1
 
@@ -152,3 +159,88 @@ def test_recommend_without_a_run_starts_one_behind_latest(tmp_path, monkeypatch,
     latest = runner.RUNS_DIR / "latest"
     assert latest.is_symlink() and (latest / "cells" / "timing-vae-float32-8x16.parquet").exists()
     assert cli.main(argv) == 0 and "(from reports/runs/latest)" in capsys.readouterr().out  # reused, nothing measured
+
+
+# --- a run reuses only its own cells -------------------------------------------------------
+
+
+def test_a_rerun_with_another_seed_or_backends_recomputes_and_says_why(tmp_path, capsys):
+    cells = SMALL[:1]
+    runner.execute(cells, tmp_path, ["numpy"], compiled=False, quiet=True)
+    _, reused = runner.execute(cells, tmp_path, ["numpy"], compiled=False, seed=1)
+    assert reused == 0 and "it was made with another seed 0 (this run: 1)" in capsys.readouterr().err
+    if backends.get("torch").installed():
+        _, reused = runner.execute(cells, tmp_path, ["numpy", "torch"], compiled=False, seed=1)
+        assert reused == 0 and "another set of subjects" in capsys.readouterr().err
+
+
+def test_a_swapped_or_unrecorded_cell_is_not_accepted(tmp_path, capsys):
+    first, _ = runner.execute(SMALL[:2], tmp_path, ["numpy"], compiled=False, quiet=True)
+    normal, vae = (runner.cell_path(tmp_path, c) for c in SMALL[:2])
+    vae.write_bytes(normal.read_bytes())  # another family's valid cell in its place
+    assert runner.load(tmp_path, SMALL[1], _record(SMALL[1]))[1].startswith("it was made with another cell")
+    pd.DataFrame({"family": []}).to_parquet(normal)  # a valid parquet file that no run wrote
+    assert runner.load(tmp_path, SMALL[0], _record(SMALL[0])) == (None, "it has no record of what made it")
+    again, reused = runner.execute(SMALL[:2], tmp_path, ["numpy"], compiled=False)
+    assert reused == 0
+    pd.testing.assert_frame_equal(_accuracy(again), _accuracy(first))
+
+
+def test_rows_that_do_not_match_their_record_are_not_accepted(tmp_path):
+    import pyarrow.parquet as pq
+
+    runner.execute(SMALL[:1], tmp_path, ["numpy"], compiled=False, quiet=True)
+    path = runner.cell_path(tmp_path, SMALL[0])
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 3), path)  # rows dropped, the record kept
+    assert runner.load(tmp_path, SMALL[0], _record(SMALL[0])) == (None, "its rows do not match its record")
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path, capsys):
+    with runner.locked(tmp_path):
+        argv = ["run", "--backends", "numpy", "--families", "normal", "--dtypes", "float64", "--out", str(tmp_path), "--quiet"]
+        assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is in use by another kl-bench run (pid {os.getpid()})" in err
+    assert not (tmp_path / "cells").exists() or not list((tmp_path / "cells").glob("*.parquet"))
+
+
+# --- environment faults: one line, exit 3, checked before the work where they can be ----------
+
+
+def test_a_file_where_the_cells_go_is_found_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cells").write_text("")
+    called = []
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: called.append(1))
+    assert cli.main(["run", "--backends", "numpy", "--out", str(tmp_path), "--quiet"]) == 3 and not called
+    assert "cannot write to" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_tables_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys):
+    from kl_bench.suite import tables
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "accuracy.parquet"))
+
+    monkeypatch.setattr(tables, "write", full)
+    assert cli.main(["run", "--backends", "numpy", "--families", "normal", "--dtypes", "float64", "--out", str(tmp_path),
+                     "--quiet"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"kl-bench: cannot write to {tmp_path}: No space left on device") and "resume" in err[-1]
+    assert list((tmp_path / "cells").glob("*.parquet"))  # the finished cells are kept
+
+
+def test_an_unusable_reference_cache_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from kl_bench.suite import reference
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("KL_BENCH_CACHE", str(blocker))
+    assert cli.main(["run", "--backends", "numpy", "--families", "normal", "--dtypes", "float64", "--out", str(tmp_path / "run"),
+                     "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the reference cache") == 1 and "continuing without it" in err
+    full = reference.Cache(tmp_path / "cache")
+    monkeypatch.setattr(reference.Cache, "put", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    full.certified("vae", [np.zeros(2), np.ones(2)])
+    assert full.unusable == "No space left on device" and "continuing without it" in capsys.readouterr().err

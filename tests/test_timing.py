@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 
+import kl_bench
 from kl_bench import cli
 from kl_bench.suite import tables, timing
 from kl_bench.suite.subjects import Subject, Textbook
@@ -44,7 +45,7 @@ def test_workload_inputs_are_valid_and_the_call_is_synchronised():
     s_p = workload.args[1]
     assert np.all(np.linalg.eigvalsh(s_p) > 0)
     result = timing.measure(workload, repeats=3, min_seconds=0.0)
-    assert calls == [4] * 5  # first call, warm-up, three timed
+    assert calls == [4] * 6  # first call, warm-up, three timed, one for the peak memory
     assert result["seconds"] > 0 and result["compile_seconds"] >= 0 and result["flops"] == 4 * 2 * 27
     assert 0 < result["roofline_fraction"]
 
@@ -75,3 +76,38 @@ def test_benchmark_suite_collects_and_runs():
                            "-k", "vae-float32-4096x64 and numpy"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("family, batch, k", [("vae", 512, 4096), ("diag", 512, 4096), ("cov", 8, 256)])
+def test_the_float64_array_path_holds_at_most_four_inputs_of_memory(backend, family, batch, k):
+    """Evaluated in blocks (kl_bench.blocks): measured, not timed; 9-13 x before blocks."""
+    subject = Subject(backend)
+    if subject.unavailable(family, "float64"):
+        pytest.skip(subject.unavailable(family, "float64"))
+    workload = timing.Workload(subject, family, batch, k, "float64")
+    workload()
+    peak = timing.peak_bytes(workload)
+    if peak is None:
+        pytest.skip("the resident-set high-water mark cannot be reset here (/proc/self/clear_refs)")
+    assert peak <= 4 * workload.largest_input_bytes, peak / workload.largest_input_bytes
+
+
+def test_blocks_give_the_same_values():
+    from kl_bench import blocks
+
+    rng = np.random.default_rng(5)
+    args = [rng.normal(size=(300, 700)), rng.normal(size=700), rng.normal(size=(300, 1)), rng.normal(size=(300, 700))]
+    whole = kl_bench.kl_diag(*args)
+    plan = blocks.plan(kl_bench.families.get("diag"), [np.asarray(a) for a in args])
+    assert plan == (0, 37)  # 210000 elements in blocks of an eighth: 37 rows of 700
+    np.testing.assert_array_equal(whole, kl_bench.kl_diag(*args, validate=False))
+    long = [rng.normal(size=(2, 200_000)), rng.normal(size=(2, 200_000))]
+    assert blocks.plan(kl_bench.families.get("vae"), long)[0] == -1  # a few long vectors: coordinate blocks
+    with np.errstate(all="ignore"):
+        direct = 0.5 * np.sum(np.expm1(long[1]) - long[1] + long[0] ** 2, axis=-1)
+    np.testing.assert_allclose(kl_bench.kl_vae(*long), direct, rtol=1e-12)
+    normal = [rng.normal(size=100_000), np.exp(rng.normal(size=100_000)), 0.0, 1.0]
+    assert blocks.plan(kl_bench.families.get("normal"), [np.asarray(a, dtype=float) for a in normal]) is not None
+    blocks_off = kl_bench.kl_normal(*[a[:10] if np.ndim(a) else a for a in normal])
+    np.testing.assert_array_equal(kl_bench.kl_normal(*normal)[:10], blocks_off)

@@ -44,7 +44,7 @@ def kl(be, family, arrays):
 
 def _values(be, family, arrays):
     host = arrays if be.name == "numpy" else [a.detach().numpy() for a in arrays]
-    shape = _common_shape([a.shape for a in host])
+    shape = backends.common_shape(a.shape for a in host)
     host = [a if a.shape == shape else np.broadcast_to(a, shape) for a in host]  # read-only views
     if 0 in shape:
         out = np.zeros(shape[:-1])
@@ -102,11 +102,6 @@ def _torch_function():
             return (None, *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[1:])))
 
     return TorchKL
-
-
-def _common_shape(shapes):
-    first = shapes[0]
-    return first if all(s == first for s in shapes) else np.broadcast_shapes(*shapes)
 
 
 # e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r = 1 + r + r^2 q(r), where

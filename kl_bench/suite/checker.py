@@ -2,7 +2,8 @@
 
 The function under test is called like ``kl_bench.kl_<family>`` (same argument order, batched
 arrays of the chosen backend and dtype) and must return one KL per batch element. A case fails when
-the result has the wrong shape, is negative, NaN or inf where the exact KL is finite, or is further
+the result has the wrong shape, is negative, NaN or inf where the exact KL is finite, the call raises,
+exits, crashes the process or hangs (``isolation``: the function runs in a worker process), or is further
 from the certified reference than its allowance: by default the accuracy this project promises for
 the family and dtype (``bounds.ulp_bound``: what ``kl_bench`` itself guarantees), or ``max_ulps``
 when given; plus cond(S_q) ulps for the full-covariance families; where nothing is promised (a
@@ -21,7 +22,8 @@ import pandas as pd
 from .. import families
 from . import bounds, cases, metrics
 from .accuracy import errors, references
-from .subjects import Subject, describe
+from .isolation import DEFAULT_TIMEOUT, Isolated, UserFunction, target_name
+from .subjects import Subject
 
 OURS_FACTOR = 4.0  # where nothing is promised: this many times this project's own error
 UNPROMISED_FLOOR = 16.0
@@ -48,27 +50,6 @@ ADVICE = {
     "ill-conditioned": "ill-conditioned S_q: an explicit inverse or determinant loses about cond(S_q) ulps; use a "
                        "Cholesky factor and triangular solves",
 }
-
-
-@dataclass(frozen=True)
-class UserFunction(Subject):
-    """Someone's function, called exactly like ``kl_bench.kl_<family>``."""
-
-    fn: object = None
-    method: str = ""
-
-    implementation = "user"
-
-    @property
-    def name(self) -> str:
-        return f"{target_name(self.fn)}[{self.backend}-{self.device}]"
-
-    def function(self, family):
-        return self.fn
-
-
-def target_name(fn) -> str:
-    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
 @dataclass(frozen=True)
@@ -149,21 +130,25 @@ class CheckResult:
 
 
 def check(fn, family: str, dtype: str = "float64", backend: str = "numpy", *, max_ulps: float | None = None,
-          seed: int = 0, progress: bool = False) -> CheckResult:
+          seed: int = 0, progress: bool = False, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
     """Judge ``fn`` on every quick case set of ``family`` in ``dtype`` (see the module docstring);
-    ``max_ulps`` replaces the promised bound as the allowance."""
+    ``max_ulps`` replaces the promised bound as the allowance. ``fn`` runs in a worker process
+    (``isolation``): one call (a case set) that exits, crashes or takes over ``timeout`` seconds
+    fails that case set."""
     if max_ulps is not None and not max_ulps >= 0:
         raise ValueError(f"max_ulps must be a number >= 0, got {max_ulps!r}")
-    subject = UserFunction(backend=backend, fn=fn)
-    reason = subject.unavailable(family, dtype)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    reason = UserFunction(backend=backend, fn=fn).unavailable(family, dtype)
     if reason:
         raise ValueError(reason)
     rows, inputs = [], {}
-    for case in cases.quick(family, dtype, seed=seed):
-        if progress:
-            print(f"  {case.name}", file=sys.stderr, flush=True)
-        inputs[case.name] = case.arrays
-        rows += _judged(subject, Subject(backend), case, max_ulps)
+    with Isolated(fn, backend, timeout) as isolated:
+        for case in cases.quick(family, dtype, seed=seed):
+            if progress:
+                print(f"  {case.name}", file=sys.stderr, flush=True)
+            inputs[case.name] = case.arrays  # the function gets copies: these stay as generated
+            rows += _judged(isolated, Subject(backend), case, max_ulps)
     df = pd.DataFrame(rows)
     how = (f"allowed: {max_ulps:g} ulps" if max_ulps is not None else
            f"allowed: kl-bench's promised bound for {family} in {dtype}")
@@ -182,9 +167,9 @@ def allowances(case: cases.CaseSet, ours_ulps: np.ndarray, max_ulps: float | Non
     return np.array([u if b is None else b for b, u in zip(promised, unpromised)], dtype=float)
 
 
-def _judged(subject: UserFunction, ours: Subject, case: cases.CaseSet, max_ulps: float | None) -> list[dict]:
+def _judged(isolated: Isolated, ours: Subject, case: cases.CaseSet, max_ulps: float | None) -> list[dict]:
     exact = references(case)
-    theirs, problem = _call(subject, case)
+    theirs, problem = _call(isolated, case)
     ours_ulps = errors(ours, case, exact)["ulps"]
     err = metrics.case_errors(theirs, exact, case.dtype)
     allowed = allowances(case, ours_ulps, max_ulps)
@@ -199,14 +184,12 @@ def _judged(subject: UserFunction, ours: Subject, case: cases.CaseSet, max_ulps:
     return rows
 
 
-def _call(subject: UserFunction, case: cases.CaseSet):
+def _call(isolated: Isolated, case: cases.CaseSet):
     """The function's results as float64 (NaN where it gave none) and a problem with the call."""
     nan = np.full(case.n, np.nan)
-    try:
-        with np.errstate(all="ignore"):
-            values = subject.run(case.family, case.arrays, case.dtype)
-    except Exception as exc:
-        return nan, f"raised {describe(exc)}"
+    values, problem = isolated.call(case.family, case.arrays, case.dtype)
+    if problem:
+        return nan, problem
     if values.shape != (case.n,):
         return nan, f"returned shape {values.shape} for a batch of {case.n} (expected ({case.n},))"
     return values, ""

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ class Certified:
 class Terms:
     """KL = 1/2 [rational + sum psi(u) + sum phi(x) + sum c e^y]: every term >= 0."""
 
-    rational: object = None  # an fmpq
+    rational: object  # an fmpq
     psi: list = field(default_factory=list)  # u > -1
     phi: list = field(default_factory=list)  # x
     exp: list = field(default_factory=list)  # (c, y), c >= 0
@@ -355,8 +356,7 @@ def certified(family: str, parts) -> Certified:
     if any(np.isnan(p).any() for p in parts):
         return Certified(mpmath.mpf("nan"), None, 0)
     if not all(np.isfinite(p).all() for p in parts):
-        names = [n for n, p in zip(families.TABLE[family].names, parts) if not np.isfinite(p).all()]
-        raise ValueError(f"{family} reference: {', '.join(names)} holds an infinity; only finite and NaN inputs have a reference")
+        return Certified(_infinite_limit(family, parts), None, 0)
     if is_exactly_zero(family, parts):
         return Certified(mpmath.mpf(0), None, 0)
     from flint import ctx
@@ -370,6 +370,30 @@ def certified(family: str, parts) -> Certified:
                 return Certified(_as_mp(ball.mid()), None if ball.is_exact() else _log2_above(ball.rad()), prec)
         prec *= 2
     raise ArithmeticError(f"{family} reference not certified at {MAX_PREC} bits")
+
+
+def _infinite_limit(family: str, parts) -> mpmath.mpf:
+    """The KL where an input is infinite: every term of the KL is >= 0, so it is +inf as soon as one
+    term is (a variance of 0 or infinity, an infinite mean), and NaN where a term is undefined
+    (inf - inf, inf / inf) and none is +inf; an infinite entry of a matrix is no covariance: NaN."""
+    fam = families.TABLE[family]
+    with np.errstate(all="ignore"):
+        if fam.full:
+            if any(not np.isfinite(p).all() for p, a in zip(parts, fam.args) if a.core_ndim == 2):
+                return mpmath.mpf("nan")
+            terms = [parts[0] - parts[2]]
+        elif family == "vae":
+            terms = [np.inf]
+        elif family == "normal":
+            mu_p, s_p, mu_q, s_q = parts
+            u = (s_p / s_q) ** 2 - 1  # psi(u) is +inf at u = inf and at u = -1 (a variance of 0 or inf)
+            terms = [np.where(u == -1, np.inf, u), (mu_p - mu_q) / s_q]
+        else:  # diag: phi(l_p - l_q) and dmu^2 e^-l_q, 0 where dmu = 0
+            mu_p, l_p, mu_q, l_q = parts
+            dmu = mu_p - mu_q
+            terms = [l_p - l_q, np.where(dmu == 0, 0.0, dmu * dmu * np.exp(-l_q))]
+    terms = np.concatenate([np.ravel(np.abs(t)) for t in terms])
+    return mpmath.mpf("inf") if np.isinf(terms).any() else mpmath.mpf("nan")
 
 
 def is_exactly_zero(family: str, parts) -> bool:
@@ -409,11 +433,31 @@ def default_cache_dir() -> Path:
 
 
 class Cache:
-    """One small file per reference value; corrupt files are detected by checksum and replaced."""
+    """One small file per reference value; corrupt files are detected by checksum and replaced. A
+    directory that cannot be used (a file in its place, no permission, a full disk) is given up with
+    one line on stderr: the references are then computed and not stored."""
 
     def __init__(self, directory: Path | str | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.hits = self.misses = self.corrupt = 0
+        self.unusable = ""  # why the directory was given up
+
+    def usable(self) -> bool:
+        """Can values be stored? Tried once, before any work, by the commands that use the cache."""
+        if not self.unusable:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=self.directory):
+                    pass
+            except OSError as exc:
+                self._give_up(exc)
+        return not self.unusable
+
+    def _give_up(self, exc: OSError) -> None:
+        if not self.unusable:
+            self.unusable = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            print(f"kl-bench: the reference cache {self.directory} cannot be used ({self.unusable}); "
+                  "continuing without it (set KL_BENCH_CACHE to a writable directory)", file=sys.stderr)
 
     @staticmethod
     def key(family: str, parts) -> str:
@@ -460,6 +504,8 @@ class Cache:
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
 
     def certified(self, family: str, parts) -> Certified:
+        if self.unusable:
+            return certified(family, parts)
         key = self.key(family, parts)
         cached = self.get(key)
         if cached is not None:
@@ -468,7 +514,10 @@ class Cache:
         self.misses += 1
         reference = certified(family, parts)
         if not mpmath.isnan(reference.value):  # NaN is immediate (and has no mantissa to store)
-            self.put(key, reference)
+            try:
+                self.put(key, reference)
+            except OSError as exc:
+                self._give_up(exc)
         return reference
 
     def value(self, family: str, parts) -> mpmath.mpf:

@@ -5,11 +5,15 @@ one sweep part ("quick", "closeness", ...), a timing cell times every subject at
 are independent: accuracy cells run serially, in ``--jobs`` processes or on a Dask cluster
 (``--scheduler``); timing cells run in this process one at a time. Each is written atomically to ``DIR/cells/<name>.parquet`` when it
 finishes. A run started again with the same directory reuses every cell file that reads back
-whole; a truncated or corrupt one is computed again.
+whole and was made the way this run would make it (``record``: the cell, seed, subjects, compiled modes,
+package and reference versions), with rows that match that record; any other is computed again and the
+run says why. ``locked`` keeps a second run out of a directory in use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -74,33 +78,113 @@ def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.Data
 # -- storage ----------------------------------------------------------------------------------
 
 
+CELL_FORMAT = 1
+RECORD_KEY = b"kl_bench_cell"
+
+
 def cell_path(out: Path, cell: Cell) -> Path:
     return out / "cells" / f"{cell.name}.parquet"
 
 
-def store(out: Path, cell: Cell, df: pd.DataFrame) -> None:
-    """Write a cell atomically: a temporary file in the same directory, then a rename."""
+def record(cell: Cell, backend_names, compiled: bool, seed: int) -> dict:
+    """What produces a cell: it is reused only by a run that would produce it the same way."""
+    from .. import __version__
+    from .reference import REFERENCE_VERSION
+
+    subjects = available(backend_names, compiled=compiled) if cell.kind == "accuracy" else timing.default_subjects(backend_names, compiled)
+    return {"format": CELL_FORMAT, "cell": cell.name, "seed": seed, "compiled": compiled,
+            "subjects": sorted(s.name for s in subjects), "kl_bench": __version__, "reference": REFERENCE_VERSION,
+            "versions": _versions()}
+
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    found = {}
+    for package in ("numpy", "scipy", "mpmath", "python-flint", "torch", "jax", "jaxlib", "numba", "numpyro"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+_WORDS = {"subjects": "set of subjects", "versions": "set of package versions", "kl_bench": "kl-bench version",
+          "reference": "reference version", "format": "cell format"}
+
+
+class Busy(RuntimeError):
+    """Another kl-bench process holds the output directory."""
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold ``out`` for this process: a second run (or recommend) into it raises ``Busy`` at once,
+    naming the process that holds it. The lock goes with the process, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".kl-bench.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise Busy(f"{out} is in use by another kl-bench run ({holder}); wait for it to finish or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def store(out: Path, cell: Cell, df: pd.DataFrame, made: dict) -> None:
+    """Write a cell with the record of what made it, atomically: a temporary file in the same
+    directory, then a rename."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = cell_path(out, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    metadata = {**(table.schema.metadata or {}), RECORD_KEY: json.dumps(made | {"rows": len(df)}).encode()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{cell.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table.replace_schema_metadata(metadata), tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load(out: Path, cell: Cell) -> pd.DataFrame | None:
-    """A finished cell, or None if it is missing, truncated or corrupt."""
+def load(out: Path, cell: Cell, expected: dict) -> tuple[pd.DataFrame | None, str]:
+    """A finished cell that this run would have made itself, or (None, why it is not reused; "" when
+    there is none)."""
+    import pyarrow.parquet as pq
+
     path = cell_path(out, cell)
     if not path.exists():
-        return None
+        return None, ""
     try:
-        return pd.read_parquet(path)
+        table = pq.read_table(path)
+        made = json.loads((table.schema.metadata or {})[RECORD_KEY])
+        df = table.to_pandas()
+    except KeyError:
+        return None, "it has no record of what made it"
     except Exception:  # truncated or corrupt: computed again
-        return None
+        return None, "it is unreadable (truncated or corrupt)"
+    differ = [key for key in expected if made.get(key) != expected[key]]
+    if differ:
+        return None, "it was made with another " + "; ".join(
+            f"{key} {made.get(key)!r} (this run: {expected[key]!r})" if key in ("seed", "cell", "compiled") else _WORDS.get(key, key)
+            for key in differ)
+    if len(df) != made.get("rows") or (len(df) and (set(df.family) != {cell.family} or set(df.dtype) != {cell.dtype})):
+        return None, "its rows do not match its record"
+    return df, ""
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -133,11 +217,13 @@ class Progress:
 def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, scheduler: str | None = None,
             seed: int = 0, quiet: bool = False) -> tuple[dict, int]:
     """Run the cells not already stored in ``out``; returns ({cell: rows}, number reused)."""
-    results, todo = {}, []
+    results, todo, made = {}, [], {cell: record(cell, backend_names, compiled, seed) for cell in cells}
     for cell in cells:
-        df = load(out, cell)
+        df, why = load(out, cell, made[cell])
         if df is None:
             todo.append(cell)
+            if why and not quiet:
+                print(f"cell {cell.name} is computed again: {why}", file=sys.stderr)
         else:
             results[cell] = df
     reused = len(results)
@@ -146,8 +232,8 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
     progress = Progress(len(todo), quiet)
 
     def finished(cell, df):
-        store(out, cell, df)
-        results[cell] = load(out, cell)  # the tables always come from stored cells: a resumed run gives the same
+        store(out, cell, df, made[cell])
+        results[cell] = load(out, cell, made[cell])[0]  # the tables always come from stored cells: a resumed run gives the same
         progress.step(cell.name)
 
     # Accuracy cells may run anywhere at once; timing cells run here, one at a time, so that they

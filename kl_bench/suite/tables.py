@@ -35,7 +35,8 @@ def headline(df: pd.DataFrame, dtype: str = "float64") -> pd.DataFrame:
 def speed_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per (family, dtype, B, k) and backend/mode of this project's stable kernel: its seconds,
     stable / naive on the same backend and mode, torch.distributions / stable on the same device,
-    and the fraction of the measured ceiling."""
+    the fraction of the measured ceiling, and the memory one call holds beyond its inputs as a
+    multiple of its largest input."""
     df = df[df.error == ""]
     keys = ["family", "dtype", "B", "k"]
     ours = df[df.implementation == "kl_bench"]
@@ -53,6 +54,7 @@ def speed_table(df: pd.DataFrame) -> pd.DataFrame:
         "torch_distributions_over_stable": torch_d.reindex(stable.index.droplevel(["backend", "mode"])).to_numpy() / stable.seconds,
         "gbps": stable.gbps,
         "roofline_fraction": stable.roofline_fraction,
+        "peak_over_input": stable.peak_over_input if "peak_over_input" in stable else float("nan"),
     })
     return out.sort_index()
 

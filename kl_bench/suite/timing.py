@@ -131,6 +131,12 @@ class Workload:
         return input_bytes(self.family, self.batch, self.k, self.dtype)
 
     @property
+    def largest_input_bytes(self) -> int:
+        fam = families.get(self.family)
+        count = self.batch * self.k if fam.elementwise else self.batch
+        return count * self.k ** max(fam.core_ndims) * (self.nbytes // (count * sum(self.k**c for c in fam.core_ndims)))
+
+    @property
     def flops(self) -> float | None:
         return nominal_flops(self.family, self.batch, self.k)
 
@@ -146,10 +152,38 @@ class Workload:
 
 
 def measure(workload: Workload, repeats: int = 5, min_seconds: float = 0.05) -> dict:
-    """seconds (median, synchronised), compile_seconds (first call beyond that) and throughput."""
+    """seconds (median, synchronised), compile_seconds (first call beyond that), throughput, and
+    the memory one call holds beyond its inputs, as a multiple of its largest input."""
     first = workload.first_call_seconds()
     seconds = median_seconds(workload, repeats=repeats, min_seconds=min_seconds)
-    return {"seconds": seconds, "compile_seconds": max(first - seconds, 0.0), **workload.throughput(seconds)}
+    peak = peak_bytes(workload) if workload.subject.device == "cpu" else None
+    return {"seconds": seconds, "compile_seconds": max(first - seconds, 0.0), **workload.throughput(seconds),
+            "peak_over_input": np.nan if peak is None else peak / workload.largest_input_bytes}
+
+
+def peak_bytes(fn) -> int | None:
+    """Memory that one call of ``fn`` holds at its peak beyond what was resident before it: the
+    resident-set high-water mark (Linux), reset just before the call, after freed memory went back
+    to the system. None where that cannot be read. (XLA's own allocator may keep memory between
+    calls, so on JAX it can read low.)"""
+    import ctypes
+    import gc
+
+    try:
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: freed heap memory back to the system
+        before = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 def machine() -> dict:
@@ -184,7 +218,7 @@ def machine() -> dict:
 
 
 COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", "method", "mode", "compiled",
-                  "B", "k", "seconds", "compile_seconds", "bytes", "gbps", "flops", "roofline_fraction", "error"]
+           "B", "k", "seconds", "compile_seconds", "bytes", "gbps", "flops", "roofline_fraction", "peak_over_input", "error"]
 _FULL_KS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # (B, k) from tiny (per-call overhead) to memory-bound; the full-covariance families at batch 16.
 SHAPES = {
