@@ -118,8 +118,9 @@ class Backend:
     differentiable = False  # has grad_of_sum
     in_blocks = False  # eager arrays whose array path runs in blocks (kl_bench.blocks)
 
-    def grad_of_sum(self, fn, args) -> list:
-        """d sum(fn(*args)) / d each argument, through the framework's autodiff."""
+    def grad_of_sum(self, fn, args, jit: bool = False) -> list:
+        """d sum(fn(*args)) / d each argument, through the framework's autodiff (``jit``: the
+        gradient function compiled, where the framework compiles)."""
         raise NotImplementedError(f"{self.name} has no autodiff")
 
     def compile(self, fn):
@@ -233,7 +234,7 @@ class TorchBackend(Backend):
 
     differentiable = True
 
-    def grad_of_sum(self, fn, args):
+    def grad_of_sum(self, fn, args, jit=False):
         args = [a.detach().clone().requires_grad_(True) for a in args]
         fn(*args).sum().backward()
         return [self.torch.zeros_like(a) if a.grad is None else a.grad for a in args]
@@ -308,8 +309,9 @@ class JaxBackend(Backend):
 
     differentiable = True
 
-    def grad_of_sum(self, fn, args):
-        return list(self.jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(args))))(*args))
+    def grad_of_sum(self, fn, args, jit=False):
+        grad = self.jax.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(args))))
+        return list((self.jax.jit(grad) if jit else grad)(*args))
 
     def compile(self, fn):
         return self.jax.jit(fn)

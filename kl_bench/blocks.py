@@ -4,7 +4,8 @@ The array path makes a dozen temporaries as large as what they are computed from
 that is many times the inputs. Evaluated in blocks of batch elements (or, for a few long vectors,
 of coordinates, whose partial KLs add up: every term is >= 0), the temporaries are those of one
 block. Row blocks give bit-identical results; coordinate blocks change only the order of a sum of
-non-negative terms. Used for NumPy arrays and Torch tensors outside a compiler (``kl.py``).
+non-negative terms. Used for NumPy arrays and Torch CPU tensors outside a compiler (``kl.py``);
+on a GPU memory is plentiful and each block would be more kernel launches.
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ def _add_check(sub):
     chk.add_argument("--dtype", default="float64", choices=FLOAT_DTYPES)
     chk.add_argument("--backend", default="numpy", choices=list(backends.BACKENDS))
     chk.add_argument("--max-ulps", type=float, help="the allowance in ulps (default: kl-bench's promised bound for the family and dtype)")
+    chk.add_argument("--gradients", action="store_true",
+                     help="also judge the gradient of the sum with respect to every argument (torch: autograd; jax: jax.grad, "
+                     "eagerly and under jax.jit) against exact gradients")
     chk.add_argument("--timeout", type=float, default=60.0,
                      help="seconds one call of the function (a case set) may take before it fails (default: 60)")
     chk.add_argument("--seed", type=int, default=0)
@@ -165,6 +168,8 @@ def _add_timing(sub):
                          "DIR/timing.csv and DIR/timing.parquet and prints, per shape and backend, the stable kernel's "
                          "time, stable / textbook, torch.distributions / stable and the fraction of the measured ceiling.")
     tim.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
+    tim.add_argument("--device", choices=("cpu", "cuda"), help="only the subjects on this device (default: every device here)")
+    tim.add_argument("--no-compiled", action="store_true", help="leave out this project's kernels under jax.jit and torch.compile")
     tim.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
     tim.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES),
                      help="comma-separated (default: float32 for normal, diag, vae; float64 for tril, cov)")
@@ -389,6 +394,7 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .suite import gradient_checks
     from .suite.checker import check
     from .suite.isolation import UserFunction
 
@@ -396,6 +402,8 @@ def cmd_check(args) -> int:
         return _usage_error(f"--max-ulps must be a number >= 0, got {args.max_ulps}")
     if not args.timeout > 0:
         return _usage_error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    if args.gradients and (problem := gradient_checks.unsupported(args.backend)):
+        return _usage_error(problem)
     module_name, _, attribute = args.target.partition(":")
     if not module_name or not attribute:
         return _usage_error(f"target must be MODULE:FUNCTION, got {args.target!r}")
@@ -413,7 +421,7 @@ def cmd_check(args) -> int:
         return _usage_error(reason)
     try:
         result = check(fn, args.family, args.dtype, args.backend, max_ulps=args.max_ulps, seed=args.seed,
-                       progress=not args.quiet, timeout=args.timeout)
+                       progress=not args.quiet, timeout=args.timeout, gradients=args.gradients)
     except Exception as exc:  # the checker itself could not run: not the function's verdict
         return _cannot_run(f"the check could not run: {type(exc).__name__}: {exc}")
     print(result.report())
@@ -425,7 +433,10 @@ def cmd_timing(args) -> int:
         return _usage_error(f"--repeats must be at least 1, got {args.repeats}")
     if (problem := _writable_dir(args.out)):
         return _usage_error(problem)
-    subjects = timing.default_subjects(args.backends)
+    subjects = [s for s in timing.default_subjects(args.backends, compiled=not args.no_compiled)
+                if args.device in (None, s.device)]
+    if not subjects:
+        return _usage_error(f"no subject runs on {args.device} here")
     print(f"kl-bench timing: {args.sweep} shapes, {len(subjects)} subjects", file=sys.stderr)
     start = time.perf_counter()
     df = timing.timing_sweep(args.families, subjects, args.dtypes, args.sweep, args.repeats, progress=not args.quiet)

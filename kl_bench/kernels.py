@@ -68,11 +68,12 @@ def half_phi(be, x):
     xb = xp.where(below, x, low)
     negative = 0.5 * xp.exp(xb) + (-0.5 - 0.5 * xb)
     xa = xp.where(above, x, high)
-    # minimum() keeps expm1(inf) - inf from becoming NaN.
-    positive = 0.5 * xp.expm1(xa) - 0.5 * xp.minimum(xa, finfo.max)
     near_overflow = xa > math.log(finfo.max)
+    # expm1 only where it does not overflow: an infinite branch would make the gradient NaN (0 * inf)
+    xe = xp.where(near_overflow, high, xa)
+    positive = 0.5 * xp.expm1(xe) - 0.5 * xe
     half_exp = xp.exp(0.5 * xp.where(near_overflow, xa, high))
-    # minimum() again: at x = inf the result is inf, not inf - inf
+    # minimum(): at x = inf the result is inf, not inf - inf
     positive = xp.where(near_overflow, (0.5 * half_exp) * half_exp - 0.5 * xp.minimum(xa, finfo.max), positive)
     return xp.where(below, negative, xp.where(above, positive, series))
 

@@ -57,7 +57,7 @@ def _call(family, values, method, validate):
         kl, problems = kernel.kl(be, family, arrays), {}  # accelerated families have no invalid values
     else:
         kernel = kernels.compiled(be, family, method, validate)
-        along = blocks.plan(fam, arrays) if be.in_blocks else None
+        along = blocks.plan(fam, arrays) if be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None
         kl, problems = blocks.run(be, fam, kernel, arrays, along) if along else kernel(*arrays)
     if validate and not traced:
         _raise_problems(be, problems, dict(zip(fam.names, arrays)))

@@ -195,3 +195,17 @@ def hangs_on_collapse_vae(mu, logvar):
 
         time.sleep(3600)
     return correct_vae(mu, logvar)
+
+
+# --- gradients: right values, wrong gradients -------------------------------------------------
+def sqrt_square_vae_torch(mu, logvar):
+    """Every value right to the last bit; d/dmu is NaN wherever mu == 0 (sqrt's derivative at 0)."""
+    import torch
+
+    return 0.5 * (torch.sqrt(mu * mu) ** 2 + torch.expm1(logvar) - logvar).sum(-1)
+
+
+def sqrt_square_vae_jax(mu, logvar):
+    import jax.numpy as jnp
+
+    return 0.5 * (jnp.sqrt(mu * mu) ** 2 + jnp.expm1(logvar) - logvar).sum(-1)

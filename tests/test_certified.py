@@ -155,7 +155,7 @@ def test_positive_definiteness_is_decided_exactly():
     # singular to float64's Cholesky (cond ~ 1e17) but positive definite in exact arithmetic
     s = _spd(4, 1e17)
     try:
-        pivots = reference.ldl_pivots(reference._symmetric(s), "s")
+        pivots = reference.ldl_pivots(reference.symmetric_matrix(s), "s")
     except ValueError:
         pytest.skip("this draw is not positive definite in exact arithmetic")
     assert all(p > 0 for p in pivots)

@@ -221,3 +221,52 @@ def test_the_tool_failing_is_exit_3_not_a_verdict(monkeypatch, capsys):
     monkeypatch.setattr(checker, "references", broken)
     assert cli.main(["check", "tests.fault_corpus:correct_vae", "--family", "vae", "--quiet"]) == 3
     assert "the check could not run: OSError" in capsys.readouterr().err
+
+
+# --- gradients ------------------------------------------------------------------------------
+
+
+def test_gradients_catch_a_nan_gradient_that_values_hide():
+    """0.5 (sqrt(mu^2)^2 + expm1(logvar) - logvar): its gradient in mu is NaN wherever mu == 0."""
+    pytest.importorskip("torch")
+    result = _cli("tests.fault_corpus:sqrt_square_vae_torch", "--family", "vae", "--backend", "torch", "--gradients")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NaN gradient where the exact one is finite" in result.stdout
+    assert "Worst gradient: vae/equal/float64/k16/seed0 #0, d/dloc (autograd)" in result.stdout
+
+
+def test_gradients_on_jax_eager_and_compiled():
+    pytest.importorskip("jax")
+    result = check(corpus.sqrt_square_vae_jax, family="vae", backend="jax", gradients=True)
+    failing = result.gradients[~result.gradients.passed]
+    assert set(failing["mode"]) == {"jax.grad", "jax.jit(jax.grad)"}
+    assert (failing[failing.argument == "loc"].reason == "NaN gradient where the exact one is finite").all()
+    assert not result.passed
+
+
+@pytest.mark.parametrize("family, backend, dtype", [("vae", "torch", "float64"), ("diag", "torch", "float32"),
+                                                    ("vae", "jax", "float32"), ("cov", "torch", "float64")])
+def test_this_projects_kernels_pass_with_gradients(family, backend, dtype):
+    pytest.importorskip(backend)
+    result = check(getattr(kl_bench, f"kl_{family}"), family=family, dtype=dtype, backend=backend, gradients=True)
+    assert result.passed, result.report()
+    assert set(result.gradients.regime) >= {"equal", "generic"} and set(result.gradients.regime) & {"near-equal", "collapse"}
+    equal = result.gradients[result.gradients.regime == "equal"]
+    assert (equal.ulps == 0).all()  # a finite, exact 0 at p == q
+
+
+def test_gradients_need_autodiff():
+    result = _cli("tests.fault_corpus:correct_vae", "--family", "vae", "--gradients")
+    assert result.returncode == 2 and "gradients need a framework with autodiff: --backend torch or jax" in result.stderr
+    with pytest.raises(ValueError, match="gradients need a framework with autodiff"):
+        check(corpus.correct_vae, family="vae", gradients=True)
+
+
+def test_the_worst_gradient_reproduces(capsys):
+    torch = pytest.importorskip("torch")
+    result = check(corpus.sqrt_square_vae_torch, family="vae", backend="torch", gradients=True)
+    snippet = result.gradient_reproduction()
+    assert "sqrt_square_vae_torch(loc, logvar).sum().backward()" in snippet
+    exec(compile(snippet, "<gradient reproduction>", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "nan" in printed and torch is not None

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import kl_bench
@@ -111,3 +112,14 @@ def test_blocks_give_the_same_values():
     assert blocks.plan(kl_bench.families.get("normal"), [np.asarray(a, dtype=float) for a in normal]) is not None
     blocks_off = kl_bench.kl_normal(*[a[:10] if np.ndim(a) else a for a in normal])
     np.testing.assert_array_equal(kl_bench.kl_normal(*normal)[:10], blocks_off)
+
+
+def test_timing_selects_a_device_and_leaves_compiled_modes_out(tmp_path, capsys):
+    if not any(s.device == "cuda" for s in timing.default_subjects(compiled=False)):
+        assert cli.main(["timing", "--device", "cuda", "--out", str(tmp_path), "--quiet"]) == 2
+        assert "no subject runs on cuda here" in capsys.readouterr().err
+    argv = ["timing", "--device", "cpu", "--no-compiled", "--backends", "numpy", "--families", "vae", "--dtypes", "float32",
+            "--repeats", "1", "--out", str(tmp_path), "--quiet"]
+    assert cli.main(argv) == 0
+    df = pd.read_parquet(tmp_path / "timing.parquet")
+    assert set(df.device) == {"cpu"} and not set(df["mode"]) & {"jax.jit", "torch.compile"}

@@ -26,3 +26,15 @@ def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None) -> flo
     if family == "tril":
         return 16.0
     return 16.0 + (cond or 1.0)  # cov: degrades with the conditioning of S_q
+
+
+GRADIENT_ULPS = 64.0
+
+
+def gradient_ulp_bound(family: str, dtype: str, cond: float | None = None) -> float | None:
+    """Largest normwise error of the stable kernels' autodiff gradients, in ulps of the dtype (each
+    argument, against its largest exact entry); None where nothing is promised. kl_cov's gradient
+    carries S_q^-1 and so cond(S_q), like its value."""
+    if family == "tril" and cond is not None and cond > TRIL_MAX_COND * 1.01:
+        return None
+    return GRADIENT_ULPS * (cond or 1.0) if family == "cov" else GRADIENT_ULPS

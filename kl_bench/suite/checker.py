@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .. import families
-from . import bounds, cases, metrics
+from . import bounds, cases, gradient_checks, metrics
 from .accuracy import errors, references
 from .isolation import DEFAULT_TIMEOUT, Isolated, UserFunction, target_name
 from .subjects import Subject
@@ -65,9 +65,13 @@ class CheckResult:
     dtype: str = "float64"
     backend: str = "numpy"
     allowance: str = ""  # how the allowance was set, in words
+    gradients: pd.DataFrame | None = None  # one row per case, argument and way of differentiating (gradients=True)
 
     def __iter__(self):
         return iter((self.cases, self.passed))
+
+    def __repr__(self) -> str:
+        return f"CheckResult(passed={self.passed}, {len(self.cases)} cases, target={self.target!r})"
 
     def table(self) -> pd.DataFrame:
         """Per regime and parameter, worst first: the failures and the worst case's error, allowance and reason."""
@@ -107,53 +111,86 @@ class CheckResult:
         lines += ["", f"Worst case: {w.case_set} #{w.case}: computed {float(w.computed)!r}, exact {float(w.exact)!r}, "
                   f"{w.ulps:.3g} ulps (allowed {w.allowed:.3g}){'; ' + w.reason if w.reason else ''}",
                   "To reproduce it:", "", self.reproduction()]
+        if self.gradients is not None:
+            lines += ["", gradient_checks.report(self.gradients), "To reproduce the worst gradient:", "",
+                      self.gradient_reproduction()]
         return "\n".join(lines)
 
     def reproduction(self) -> str:
         """A few lines of Python that call the function on the worst case's inputs and print the exact value."""
-        module, _, qualname = self.target.partition(":")
         w = self.worst()
+        lines, names, call = self._setup(self.worst_inputs(), requires_grad=False)
+        lines.append(f"print([float(v) for v in {call}])  # exact KL: {float(w.exact)!r}")
+        return "\n".join(lines)
+
+    def gradient_reproduction(self) -> str:
+        """The same for the worst gradient: the gradient of the sum with respect to the worst argument."""
+        w = gradient_checks.worst(self.gradients)
+        inputs = tuple(a[w.case : w.case + 1] for a in self.inputs[w.case_set])
+        lines, names, call = self._setup(inputs, requires_grad=True)
+        exact = [float(v) for v in w.exact]
+        if self.backend == "torch":
+            lines += [f"{call}.sum().backward()", f"print({w.argument}.grad.flatten().tolist())  # exact: {exact!r}"]
+        else:
+            grad = f"jax.grad(lambda *args: {self._qualname()}(*args).sum(), argnums={names.index(w.argument)})"
+            grad = f"jax.jit({grad})" if w["mode"] == "jax.jit(jax.grad)" else grad
+            lines.append(f"print({grad}({', '.join(names)}).flatten().tolist())  # exact: {exact!r}")
+        return "\n".join(lines)
+
+    def _qualname(self) -> str:
+        return self.target.partition(":")[2] or "your_kl"
+
+    def _setup(self, inputs, requires_grad: bool):
+        """Import lines, one line per argument (exact float64 values as hex), and the call."""
+        module, _, qualname = self.target.partition(":")
         lines = ["import numpy as np"]
         lines += [f"from {module} import {qualname.split('.')[0]}"] if module not in ("", "?", "__main__") else [
             "# your function, called like kl_bench.kl_" + self.family]
+        grad = ", requires_grad=True" if requires_grad else ""
         convert = {"numpy": f"np.asarray({{}}, dtype=np.{self.dtype})",
-                   "torch": f"torch.tensor({{}}, dtype=torch.{self.dtype})",
+                   "torch": f"torch.tensor({{}}, dtype=torch.{self.dtype}{grad})",
                    "jax": f"jnp.asarray({{}}, dtype=jnp.{self.dtype})"}[self.backend]
         lines += {"numpy": [], "torch": ["import torch"], "jax": ["import jax, jax.numpy as jnp"] + (
             ['jax.config.update("jax_enable_x64", True)'] if self.dtype == "float64" else [])}[self.backend]
-        names = families.get(self.family).names if self.family else [f"arg{i}" for i in range(len(self.worst_inputs()))]
-        for name, a in zip(names, self.worst_inputs()):
+        names = list(families.get(self.family).names) if self.family else [f"arg{i}" for i in range(len(inputs))]
+        for name, a in zip(names, inputs):
             hexes = np.vectorize(float.hex, otypes=[object])(a).tolist()
             lines.append(f"{name} = {convert.format(f'np.vectorize(float.fromhex)({hexes!r})')}")
-        lines.append(f"print([float(v) for v in {qualname or 'your_kl'}({', '.join(names)})])  # exact KL: {float(w.exact)!r}")
-        return "\n".join(lines)
+        return lines, names, f"{self._qualname()}({', '.join(names)})"
 
 
 def check(fn, family: str, dtype: str = "float64", backend: str = "numpy", *, max_ulps: float | None = None,
-          seed: int = 0, progress: bool = False, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:
+          seed: int = 0, progress: bool = False, timeout: float = DEFAULT_TIMEOUT, gradients: bool = False) -> CheckResult:
     """Judge ``fn`` on every quick case set of ``family`` in ``dtype`` (see the module docstring);
     ``max_ulps`` replaces the promised bound as the allowance. ``fn`` runs in a worker process
     (``isolation``): one call (a case set) that exits, crashes or takes over ``timeout`` seconds
-    fails that case set."""
+    fails that case set. ``gradients`` (Torch, JAX) also judges the gradient of the sum with
+    respect to every argument (``gradient_checks``)."""
     if max_ulps is not None and not max_ulps >= 0:
         raise ValueError(f"max_ulps must be a number >= 0, got {max_ulps!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     reason = UserFunction(backend=backend, fn=fn).unavailable(family, dtype)
-    if reason:
+    if reason or (gradients and (reason := gradient_checks.unsupported(backend))):
         raise ValueError(reason)
-    rows, inputs = [], {}
+    rows, grads, inputs = [], [], {}
     with Isolated(fn, backend, timeout) as isolated:
         for case in cases.quick(family, dtype, seed=seed):
             if progress:
                 print(f"  {case.name}", file=sys.stderr, flush=True)
             inputs[case.name] = case.arrays  # the function gets copies: these stay as generated
             rows += _judged(isolated, Subject(backend), case, max_ulps)
-    df = pd.DataFrame(rows)
+        for case in gradient_checks.case_sets(family, dtype, seed) if gradients else []:
+            if progress:
+                print(f"  gradients {case.name}", file=sys.stderr, flush=True)
+            inputs[case.name] = case.arrays
+            grads += gradient_checks.judged(isolated, case, backend)
+    df, gf = pd.DataFrame(rows), pd.DataFrame(grads) if gradients else None
     how = (f"allowed: {max_ulps:g} ulps" if max_ulps is not None else
            f"allowed: kl-bench's promised bound for {family} in {dtype}")
     how += ", + cond(S_q) ulps" if families.get(family).full else ""
-    return CheckResult(df, bool(df.passed.all()), inputs, target_name(fn), family, dtype, backend, how)
+    passed = bool(df.passed.all()) and (gf is None or bool(gf.passed.all()))
+    return CheckResult(df, passed, inputs, target_name(fn), family, dtype, backend, how, gf)
 
 
 def allowances(case: cases.CaseSet, ours_ulps: np.ndarray, max_ulps: float | None) -> np.ndarray:

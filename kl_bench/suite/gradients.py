@@ -1,5 +1,6 @@
-"""Gradients of the KL with respect to every parameter: exact ones in mpmath, a subject's through
-its framework's autodiff (torch autograd, jax.grad), compared normwise, and the gradient sweep.
+"""Gradients of the KL with respect to every parameter: exact ones (certified like the references:
+exact rationals, and ball arithmetic for exponentials), a subject's through its framework's
+autodiff (torch autograd, jax.grad), compared normwise, and the gradient sweep.
 
 Exact gradients, for d = mu_p - mu_q and symmetric matrix arguments:
 - normal: dmu_p = d / s_q^2, ds_p = s_p / s_q^2 - 1 / s_p, ds_q = 1 / s_q - (s_p^2 + d^2) / s_q^3
@@ -27,105 +28,156 @@ import pandas as pd
 from .. import families
 from . import cases, metrics
 from .accuracy import row
-from .reference import is_exactly_zero, lower, to_mp
+from .reference import MAX_PREC, START_PREC, as_mp, is_exactly_zero, rational, rational_matrix, rationals, symmetric_matrix
 from .subjects import available, describe
 
-PREC = 256  # bits; every value is recomputed at twice this and must agree to AGREE_BITS
-AGREE_BITS = 100
+CERTIFIED_BITS = 70  # each element of an exact gradient, relative
 
 
-def _exact_normal(mu_p, s_p, mu_q, s_q):
+# Exact rationals (python-flint's fmpq) for the families whose gradients are rational in their
+# inputs; ball arithmetic (arb) for the exponentials of the diagonal families. One list per
+# argument, flat (row by row for matrices).
+
+
+def _rational_normal(mu_p, s_p, mu_q, s_q):
+    mu_p, s_p, mu_q, s_q = (rational(v) for v in (mu_p, s_p, mu_q, s_q))
     d = mu_p - mu_q
     g = d / s_q**2
-    return [g, s_p / s_q**2 - 1 / s_p, -g, 1 / s_q - (s_p**2 + d**2) / s_q**3]
+    return [[g], [s_p / s_q**2 - 1 / s_p], [-g], [1 / s_q - (s_p**2 + d**2) / s_q**3]]
 
 
-def _exact_diag(mu_p, l_p, mu_q, l_q):
+def _covariance_gradients(mu_p, s_p, mu_q, s_q):
+    """dKL/dmu_p, dKL/dS_p and dKL/dS_q, exactly (fmpq_mat)."""
+    from flint import fmpq_mat
+
+    k = s_p.nrows()
+    inv_q, inv_p = s_q.inv(), s_p.inv()
+    d = fmpq_mat(k, 1, [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))])
+    half = rational(0.5)
+    return inv_q * d, (inv_q - inv_p) * half, (inv_q - inv_q * (s_p + d * d.transpose()) * inv_q) * half
+
+
+def _flat(m, lower_only=False):
+    return [m[i, j] if (j <= i or not lower_only) else rational(0) for i in range(m.nrows()) for j in range(m.ncols())]
+
+
+def _rational_cov(mu_p, cov_p, mu_q, cov_q):
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, symmetric_matrix(cov_p), mu_q, symmetric_matrix(cov_q))
+    return [_flat(g_mu), _flat(g_p), [-v for v in _flat(g_mu)], _flat(g_q)]
+
+
+def _rational_tril(mu_p, tril_p, mu_q, tril_q):
+    l_p, l_q = rational_matrix(np.tril(tril_p)), rational_matrix(np.tril(tril_q))
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, l_p * l_p.transpose(), mu_q, l_q * l_q.transpose())
+    two = rational(2.0)
+    return [_flat(g_mu), _flat(g_p * l_p * two, True), [-v for v in _flat(g_mu)], _flat(g_q * l_q * two, True)]
+
+
+def _balls_vae(mu, logvar):
+    from flint import arb
+
+    return [[arb(m) for m in rationals(mu)], [arb(v).expm1() / 2 for v in rationals(logvar)]]
+
+
+def _balls_diag(mu_p, l_p, mu_q, l_q):
+    from flint import arb
+
     out = [[], [], [], []]
-    for a, la, b, lb in zip(mu_p, l_p, mu_q, l_q):
-        d, w = a - b, mpmath.exp(-lb)
-        dl_p = (mpmath.exp(la - lb) - 1) / 2
-        for column, value in zip(out, (d * w, dl_p, -d * w, -dl_p - d * d * w / 2)):
+    for a, la, b, lb in zip(rationals(mu_p), rationals(l_p), rationals(mu_q), rationals(l_q)):
+        d, w = a - b, arb(-lb).exp()
+        dl_p = arb(la - lb).expm1() / 2
+        dmu = arb(d) * w
+        for column, value in zip(out, (dmu, dl_p, -dmu, -(dl_p + arb(d * d) * w / 2))):
             column.append(value)
     return out
 
 
-def _exact_vae(mu, logvar):
-    return [list(mu), [(mpmath.exp(v) - 1) / 2 for v in logvar]]
+RATIONAL = {"normal": _rational_normal, "tril": _rational_tril, "cov": _rational_cov}
+BALLS = {"vae": _balls_vae, "diag": _balls_diag}
 
 
-def _covariance_gradients(mu_p, s_p, mu_q, s_q):
-    inv_q, inv_p = mpmath.inverse(s_q), mpmath.inverse(s_p)
-    d = mpmath.matrix(mu_p) - mpmath.matrix(mu_q)
-    g_mu = inv_q * d
-    g_p = (inv_q - inv_p) / 2
-    g_q = (inv_q - inv_q * (s_p + d * d.T) * inv_q) / 2
-    return g_mu, g_p, g_q
-
-
-def _exact_cov(mu_p, cov_p, mu_q, cov_q):
-    g_mu, g_p, g_q = _covariance_gradients(mu_p, mpmath.matrix(cov_p), mu_q, mpmath.matrix(cov_q))
-    return [g_mu, g_p, -g_mu, g_q]
-
-
-def _exact_tril(mu_p, tril_p, mu_q, tril_q):
-    l_p, l_q = mpmath.matrix(lower(tril_p)), mpmath.matrix(lower(tril_q))
-    g_mu, g_p, g_q = _covariance_gradients(mu_p, l_p * l_p.T, mu_q, l_q * l_q.T)
-    return [g_mu, lower((2 * g_p * l_p).tolist()), -g_mu, lower((2 * g_q * l_q).tolist())]
-
-
-EXACT = {"normal": _exact_normal, "diag": _exact_diag, "vae": _exact_vae, "tril": _exact_tril, "cov": _exact_cov}
-
-
-def _as_array(value, shape) -> np.ndarray:
-    if isinstance(value, mpmath.matrix):
-        value = value.tolist()
-    return np.array(value, dtype=object).reshape(shape)
+def _mp(value) -> mpmath.mpf:
+    """An fmpq as an mpf, to 256 bits."""
+    with mpmath.workprec(256):
+        return mpmath.mpf(int(value.p)) / int(value.q)
 
 
 def exact(family: str, parts) -> list[np.ndarray]:
     """The exact gradient of KL for one parameter set (float64 arrays): one object array of mpf
-    per argument, shaped like it; computed at PREC and 2 PREC bits, which must agree. At p == q,
-    bit for bit, it is exactly 0 (which the formulas would leave as rounding noise)."""
+    per argument, shaped like it; exact rationals to 256 bits, and exponentials in ball arithmetic
+    at doubling precision until every element is certified to 70 bits. At p == q, bit for bit, it
+    is exactly 0."""
+    from flint import ctx
+
     if is_exactly_zero(family, parts):
         return [np.full(p.shape, mpmath.mpf(0), dtype=object) for p in parts]
-    results = []
-    for prec in (PREC, 2 * PREC):
-        with mpmath.workprec(prec):
-            results.append([_as_array(g, p.shape) for g, p in zip(EXACT[family](*[to_mp(p) for p in parts]), parts)])
-    for low, high in zip(*results):
-        scale = max((abs(v) for v in high.ravel()), default=0)
-        worst = max((abs(a - b) for a, b in zip(low.ravel(), high.ravel())), default=0)
-        if worst > mpmath.ldexp(scale, -AGREE_BITS):
-            raise ArithmeticError(f"{family} gradient did not settle at {2 * PREC} bits")
-    return results[1]
+    if family in RATIONAL:
+        values = [[_mp(v) for v in arg] for arg in RATIONAL[family](*parts)]
+    else:
+        prec = START_PREC
+        while True:
+            with ctx.workprec(prec):
+                balls = BALLS[family](*parts)
+                if all(b.is_exact() or b.rel_accuracy_bits() >= CERTIFIED_BITS for arg in balls for b in arg):
+                    values = [[as_mp(b.mid()) for b in arg] for arg in balls]
+                    break
+            if prec >= MAX_PREC:
+                raise ArithmeticError(f"{family} gradient not certified at {MAX_PREC} bits")
+            prec *= 2
+    return [np.array(v, dtype=object).reshape(p.shape) for v, p in zip(values, parts)]
 
 
 def normwise_ulps(computed: np.ndarray, exact_values: np.ndarray, dtype: str, symmetric: bool = False) -> float:
-    """max |g - e| / ulp(max |e|) for one argument of one case (see the module docstring)."""
+    """max |g - e| / ulp(max |e|) for one argument of one case (see the module docstring). Where an
+    exact element is beyond the dtype's range, the computed one must be that infinity."""
     computed = np.asarray(computed, dtype=np.float64)
     if symmetric:
         computed = 0.5 * (computed + computed.T)
+    computed, exact_values = computed.ravel(), exact_values.ravel()
+    beyond = np.array([metrics.overflows(e, dtype) for e in exact_values], dtype=bool)
+    if beyond.any():
+        if not all(c == math.copysign(math.inf, e) for c, e in zip(computed[beyond], exact_values[beyond])):
+            return math.inf
+        computed, exact_values = computed[~beyond], exact_values[~beyond]
     if not np.all(np.isfinite(computed)):
         return math.inf
-    scale = max((abs(v) for v in exact_values.ravel()), default=mpmath.mpf(0))
-    worst = max(abs(mpmath.mpf(float(c)) - e) for c, e in zip(computed.ravel(), exact_values.ravel()))
+    scale = max((abs(v) for v in exact_values), default=mpmath.mpf(0))
+    worst = max((abs(mpmath.mpf(float(c)) - e) for c, e in zip(computed, exact_values)), default=mpmath.mpf(0))
     if scale == 0:
         return 0.0 if worst == 0 else math.inf
     return float(worst / metrics.ulp(scale, dtype))
+
+
+def argument_errors(computed: list, case, exact_gradients: list) -> tuple[np.ndarray, np.ndarray]:
+    """Per case (rows) and argument (columns) of a case set: the normwise ulps of ``computed``
+    (one array per argument, batched like the case set), and whether it holds a NaN or inf where
+    the exact gradient is within the dtype's range."""
+    symmetric = [arg.kind == families.COV for arg in families.TABLE[case.family].args]
+    ulps = np.array([[normwise_ulps(g[i], e, case.dtype, sym) for g, e, sym in zip(computed, exact_i, symmetric)]
+                     for i, exact_i in enumerate(exact_gradients)])
+    def nonfinite_where_finite(g, e):
+        bad = ~np.isfinite(np.ravel(g))
+        return bool(bad.any() and not all(metrics.overflows(v, case.dtype) for v in e.ravel()[bad]))
+
+    nonfinite = np.array([[nonfinite_where_finite(g[i], e) for g, e in zip(computed, exact_i)]
+                          for i, exact_i in enumerate(exact_gradients)])
+    return ulps, nonfinite
 
 
 def case_ulps(subject, case, exact_gradients: list) -> tuple[np.ndarray, np.ndarray]:
     """Per case of a case set: the worst normwise ulps over the arguments of ``subject``'s
     autodiff gradient, and whether any of its entries is NaN or inf."""
     computed = subject.gradient(case.family, case.arrays, case.dtype)
-    symmetric = [arg.kind == families.COV for arg in families.TABLE[case.family].args]
-    ulps = np.array([
-        max(normwise_ulps(g[i], e, case.dtype, sym) for g, e, sym in zip(computed, exact_i, symmetric))
-        for i, exact_i in enumerate(exact_gradients)
-    ])
+    ulps, _ = argument_errors(computed, case, exact_gradients)
     nonfinite = np.array([not all(np.all(np.isfinite(g[i])) for g in computed) for i in range(case.n)])
-    return ulps, nonfinite
+    return ulps.max(axis=1), nonfinite
+
+
+def gradient_cases(family: str, dtype: str, regimes, n: int = 8, seed: int = 0) -> list:
+    """The case sets that gradients are judged on: the first ``n`` cases of each quick case set of
+    ``regimes`` (exact gradients cost more than values)."""
+    return [cases.generate(family, regime, dtype, param, n=n, seed=seed)
+            for regime, param in cases.regimes(family, dtype) if regime in regimes]
 
 
 def exact_for(case) -> list:
@@ -147,8 +199,7 @@ def gradient_sweep(family_names=None, subjects=None, dtype="float64", regimes=GR
     subjects = [s for s in (available() if subjects is None else subjects) if s.be.differentiable]
     rows = []
     for family in family_names:
-        for regime, param in [rp for rp in cases.regimes(family, dtype) if rp[0] in regimes]:
-            case = cases.generate(family, regime, dtype, param, n=n, seed=seed)
+        for case in gradient_cases(family, dtype, regimes, n, seed):
             if progress:
                 print(f"  gradients {case.name}", file=sys.stderr, flush=True)
             exact = exact_for(case)

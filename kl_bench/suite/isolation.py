@@ -1,8 +1,8 @@
 """Someone's KL function, run where it cannot harm the checker: in a worker process.
 
 ``kl-bench check`` sends each case set's inputs (copies: the function may overwrite them) to a
-worker forked from a clean server process, which converts them to the chosen backend, calls the
-function and sends back float64 results. Whatever the function does, exiting (``SystemExit``,
+worker, a fresh Python interpreter, which converts them to the chosen backend, calls the function
+and sends back float64 results (or the gradients of their sum). Whatever the function does, exiting (``SystemExit``,
 ``os._exit``), crashing the interpreter (a segfault) or never returning (past ``timeout``
 seconds), the checker sees it as that call's failure, starts a fresh worker and goes on; the
 verdict and the exit code stay the checker's.
@@ -10,9 +10,12 @@ verdict and the exit code stay the checker's.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import select
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +23,7 @@ import numpy as np
 from .subjects import Subject, describe
 
 DEFAULT_TIMEOUT = 60.0  # seconds for one call (one case set)
+VALUES, GRADIENT, GRADIENT_JIT = "values", "gradient", "gradient-jit"  # what a call asks for
 
 
 @dataclass(frozen=True)
@@ -43,23 +47,43 @@ def target_name(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _serve(conn, payload: bytes, backend: str) -> None:
-    """The worker: call the function on each request, answer ("ok", float64 values) or ("raised", why)."""
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _receive(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    return pickle.loads(stream.read(int.from_bytes(header, "little")))
+
+
+def _serve() -> None:
+    """The worker (``python -m kl_bench.suite.isolation``): the function first, then one answer per
+    request, ("ok", float64 values or gradients) or ("raised", why)."""
     import cloudpickle
 
-    os.dup2(2, 1)  # the function's prints go to stderr: stdout is the checker's report
+    requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # the function's prints go to stderr: stdout carries the answers
+    path, payload, backend = _receive(requests)
+    sys.path[:] = path  # the caller's: the function's module imports as it did there
     subject = UserFunction(backend=backend, fn=cloudpickle.loads(payload))
     while True:
         try:
-            family, arrays, dtype = conn.recv()
+            what, family, arrays, dtype = _receive(requests)
         except EOFError:
             return
         try:
             with np.errstate(all="ignore"):
-                answer = ("ok", np.asarray(subject.run(family, arrays, dtype), dtype=np.float64))
+                if what == VALUES:
+                    answer = ("ok", np.asarray(subject.run(family, arrays, dtype), dtype=np.float64))
+                else:  # the gradient of the sum, eagerly or compiled
+                    answer = ("ok", subject.gradient(family, arrays, dtype, jit=what == GRADIENT_JIT))
         except BaseException as exc:  # SystemExit and KeyboardInterrupt are the function's too
             answer = ("raised", describe(exc))
-        conn.send(answer)
+        _send(answers, answer)
 
 
 class Isolated:
@@ -70,35 +94,35 @@ class Isolated:
 
         self.payload = cloudpickle.dumps(fn)  # by reference where importable, by value (closures, lambdas) otherwise
         self.backend, self.timeout = backend, timeout
-        self.process = self.conn = None
+        self.process = None
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, self.payload, self.backend), daemon=True)
-        self.process.start()
-        child.close()
+        # A fresh interpreter: nothing of this process (threads of Torch or JAX, the __main__ module) in it.
+        self.process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _send(self.process.stdin, (list(sys.path), self.payload, self.backend))
 
     def _stop(self) -> None:
         if self.process is not None:
             self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process = self.conn = None
+            self.process.wait()
+            for stream in (self.process.stdin, self.process.stdout):
+                stream.close()
+        self.process = None
 
-    def call(self, family: str, arrays, dtype: str):
+    def call(self, family: str, arrays, dtype: str, what: str = VALUES):
+        """The function's values (``VALUES``) or the gradient of their sum with respect to each
+        argument (``GRADIENT``, ``GRADIENT_JIT``), as float64, or None and what went wrong."""
         if self.process is None:
             self._start()
         try:
-            self.conn.send((family, [np.array(a) for a in arrays], dtype))
-            if not self.conn.poll(self.timeout):
+            _send(self.process.stdin, (what, family, [np.array(a) for a in arrays], dtype))
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
                 self._stop()
                 return None, f"gave no result within {self.timeout:g} s (stopped; --timeout sets the limit)"
-            kind, value = self.conn.recv()
+            kind, value = _receive(self.process.stdout)
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            self.process.join(5)
-            code = self.process.exitcode
+            code = self.process.wait()
             self._stop()
             return None, _ended(code)
         return (value, "") if kind == "ok" else (None, f"raised {value}")
@@ -117,3 +141,7 @@ def _ended(code) -> str:
         except ValueError:
             return f"crashed the process (signal {-code})"
     return f"ended the process (exit code {code})"
+
+
+if __name__ == "__main__":
+    _serve()

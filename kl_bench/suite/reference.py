@@ -188,45 +188,45 @@ class Terms:
             return total / 2
 
 
-def _q(x) -> object:
+def rational(x) -> object:
     """A float as the exact rational it is."""
     from flint import fmpq
 
     return fmpq(*float(x).as_integer_ratio())
 
 
-def _qs(a: np.ndarray) -> list:
-    return [_q(v) for v in np.ravel(a)]
+def rationals(a: np.ndarray) -> list:
+    return [rational(v) for v in np.ravel(a)]
 
 
 def _terms_normal(mu_p, s_p, mu_q, s_q) -> Terms:
     s_p, s_q = _positive(s_p, "scale_p"), _positive(s_q, "scale_q")
-    z = (_q(mu_p) - _q(mu_q)) / s_q
+    z = (rational(mu_p) - rational(mu_q)) / s_q
     return Terms(rational=z * z, psi=[(s_p / s_q) ** 2 - 1])
 
 
 def _terms_diag(mu_p, l_p, mu_q, l_q) -> Terms:
-    l_p, l_q = _qs(l_p), _qs(l_q)
-    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
-    return Terms(rational=_q(0), phi=[a - b for a, b in zip(l_p, l_q)], exp=[(d * d, -b) for d, b in zip(dmu, l_q)])
+    l_p, l_q = rationals(l_p), rationals(l_q)
+    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
+    return Terms(rational=rational(0), phi=[a - b for a, b in zip(l_p, l_q)], exp=[(d * d, -b) for d, b in zip(dmu, l_q)])
 
 
 def _terms_vae(mu, logvar) -> Terms:
-    return Terms(rational=sum((m * m for m in _qs(mu)), _q(0)), phi=_qs(logvar))
+    return Terms(rational=sum((m * m for m in rationals(mu)), rational(0)), phi=rationals(logvar))
 
 
 def _positive(x, name):
-    value = _q(x)
+    value = rational(x)
     if value <= 0:
         raise ValueError(f"{name} must be positive")
     return value
 
 
-def _matrix(a: np.ndarray):
+def rational_matrix(a: np.ndarray):
     from flint import fmpq_mat
 
     k = a.shape[-1]
-    return fmpq_mat(k, k, _qs(a))
+    return fmpq_mat(k, k, rationals(a))
 
 
 def _solve(a, columns: list[np.ndarray | object]):
@@ -240,16 +240,16 @@ def _solve(a, columns: list[np.ndarray | object]):
 
 def _terms_tril(mu_p, tril_p, mu_q, tril_q) -> Terms:
     k = tril_p.shape[-1]
-    l_p, l_q = _matrix(np.tril(tril_p)), _matrix(np.tril(tril_q))
+    l_p, l_q = rational_matrix(np.tril(tril_p)), rational_matrix(np.tril(tril_q))
     for name, factor in (("tril_p", l_p), ("tril_q", l_q)):
         if any(factor[i, i] <= 0 for i in range(k)):
             raise ValueError(f"{name} has a non-positive diagonal")
-    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
+    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
     # E = L_q^-1 (L_p - L_q) and z = L_q^-1 dmu, exactly; A = I + E has diagonal r_i = L_p,ii / L_q,ii.
     difference = l_p - l_q
     solved = _solve(l_q, [[difference[i, j] for i in range(k)] for j in range(k)] + [dmu])
-    squares = sum((solved[i, j] ** 2 for j in range(k) for i in range(j + 1, k)), _q(0))
-    squares += sum((solved[i, k] ** 2 for i in range(k)), _q(0))
+    squares = sum((solved[i, j] ** 2 for j in range(k) for i in range(j + 1, k)), rational(0))
+    squares += sum((solved[i, k] ** 2 for i in range(k)), rational(0))
     return Terms(rational=squares, psi=[(l_p[i, i] / l_q[i, i]) ** 2 - 1 for i in range(k)])
 
 
@@ -271,24 +271,24 @@ def ldl_pivots(matrix, name: str = "matrix") -> list:
     return pivots
 
 
-def _symmetric(m: np.ndarray):
+def symmetric_matrix(m: np.ndarray):
     """A covariance matrix as an exact rational matrix, read as symmetric: (S + S^T) / 2."""
     from flint import fmpq_mat
 
     k = m.shape[-1]
-    return fmpq_mat(k, k, [(_q(m[i, j]) + _q(m[j, i])) / 2 for i in range(k) for j in range(k)])
+    return fmpq_mat(k, k, [(rational(m[i, j]) + rational(m[j, i])) / 2 for i in range(k) for j in range(k)])
 
 
 def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
     k = cov_p.shape[-1]
-    s_p, s_q = _symmetric(cov_p), _symmetric(cov_q)
+    s_p, s_q = symmetric_matrix(cov_p), symmetric_matrix(cov_q)
     pivots_p, pivots_q = ldl_pivots(s_p, "cov_p"), ldl_pivots(s_q, "cov_q")
-    dmu = [a - b for a, b in zip(_qs(mu_p), _qs(mu_q))]
+    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
     solved = _solve(s_q, [[s_p[i, j] for i in range(k)] for j in range(k)] + [dmu])  # S_q^-1 [S_p | dmu]
     ratios = [p / q for p, q in zip(pivots_p, pivots_q)]  # det S_p / det S_q = prod ratios
     # tr(S_q^-1 S_p) - k - ln(det S_p / det S_q) = sum psi(ratio - 1) + (trace - sum ratios)
-    rest = sum((solved[i, i] for i in range(k)), _q(0)) - sum(ratios, _q(0))
-    quad = sum((d * solved[i, k] for i, d in enumerate(dmu)), _q(0))
+    rest = sum((solved[i, i] for i in range(k)), rational(0)) - sum(ratios, rational(0))
+    quad = sum((d * solved[i, k] for i, d in enumerate(dmu)), rational(0))
     return Terms(rational=rest + quad, psi=[r - 1 for r in ratios])
 
 
@@ -334,7 +334,7 @@ def _log2_above(radius) -> int:
     return exp + man.bit_length()
 
 
-def _as_mp(point) -> mpmath.mpf:
+def as_mp(point) -> mpmath.mpf:
     man, exp = (int(v) for v in point.man_exp())
     with mpmath.workprec(max(53, man.bit_length())):  # exactly, not rounded to the context's precision
         return mpmath.mpf((man, exp))
@@ -344,7 +344,7 @@ def terms(family: str, parts) -> Terms:
     """The exact rational preparation of one parameter set; full covariances whose nonzero pattern
     splits into independent blocks are prepared block by block (the KL is the sum)."""
     if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
-        total = Terms(rational=_q(0))
+        total = Terms(rational=rational(0))
         for b in blocks:
             total += TERMS[family](*[p[b] if p.ndim == 1 else p[np.ix_(b, b)] for p in parts])
         return total
@@ -367,7 +367,7 @@ def certified(family: str, parts) -> Certified:
         with ctx.workprec(prec):  # the ends of the ball, exactly (below the precision they would be rounded)
             ball = prepared.ball(prec)
             if _settled(ball):
-                return Certified(_as_mp(ball.mid()), None if ball.is_exact() else _log2_above(ball.rad()), prec)
+                return Certified(as_mp(ball.mid()), None if ball.is_exact() else _log2_above(ball.rad()), prec)
         prec *= 2
     raise ArithmeticError(f"{family} reference not certified at {MAX_PREC} bits")
 

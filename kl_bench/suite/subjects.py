@@ -112,11 +112,12 @@ class Subject:
             args = [self.asarray(a, dtype) for a in arrays]
             return self.be.to_numpy(self.function(family)(*args))
 
-    def gradient(self, family: str, arrays, dtype: str) -> list[np.ndarray]:
-        """d (sum of the KLs) / d each argument through the backend's autodiff, as float64."""
+    def gradient(self, family: str, arrays, dtype: str, jit: bool = False) -> list[np.ndarray]:
+        """d (sum of the KLs) / d each argument through the backend's autodiff, as float64
+        (``jit``: under jax.jit, on JAX)."""
         with self.be.computing(dtype):
             args = [self.asarray(a, dtype) for a in arrays]
-            return [self.be.to_numpy(g) for g in self.be.grad_of_sum(self.function(family), args)]
+            return [self.be.to_numpy(g) for g in self.be.grad_of_sum(self.function(family), args, jit)]
 
 
 @functools.cache
