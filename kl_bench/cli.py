@@ -201,6 +201,9 @@ def main(argv=None) -> int:
     backends.avoid_xla_cpu_hang()
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader went away (| head): nothing to say, and nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # a full disk, a missing permission: the environment's fault, said in one line
         where = f" ({exc.filename})" if exc.filename else ""
         return _cannot_run(f"{exc.strerror or exc}{where}; fix that and run the same command again")

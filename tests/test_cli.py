@@ -75,3 +75,10 @@ def test_accuracy_with_gradients(tmp_path):
                      "--gradients", "--out", str(tmp_path)]) == 0
     grads = pd.read_parquet(tmp_path / "gradients.parquet")
     assert {"kl_bench.stable[torch-cpu]", "torch.distributions[torch-cpu]"} <= set(grads.subject)
+
+
+def test_a_reader_that_goes_away_is_not_an_error_message():
+    """kl-bench ... | head: no 'Broken pipe' complaint on stderr."""
+    pipeline = subprocess.run(f"{sys.executable} -m kl_bench.cli check tests.fault_corpus:textbook_vae --family vae --quiet | head -1",
+                              shell=True, capture_output=True, text=True)
+    assert pipeline.stdout.startswith("FAIL") and "Broken pipe" not in pipeline.stderr
