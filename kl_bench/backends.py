@@ -240,7 +240,10 @@ class TorchBackend(Backend):
         return [self.torch.zeros_like(a) if a.grad is None else a.grad for a in args]
 
     def is_traced(self, x):
-        return self.torch.compiler.is_compiling()  # inside the caller's torch.compile
+        # inside the caller's torch.compile, or a torch.func transform (vmap, grad, jvp, ...):
+        # the kernel is traced through, without the fused path or data-dependent raising
+        torch = self.torch
+        return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
     def sync(self, x=None):
         if self.torch.cuda.is_available() and self.torch.cuda.is_initialized():
