@@ -51,7 +51,7 @@ def _call(family, values, method, validate):
     arrays, result_dtype = _convert(be, fam.names, values)
     arrays = _broadcast(be, fam, arrays)
     traced = any(be.is_traced(x) for x in arrays)
-    if traced:  # inside the caller's jax.jit or torch.compile: trace the kernel into it
+    if traced:  # inside the caller's jax.jit, torch.compile or torch.func transform: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     elif (kernel := accel.select(be, family, method, arrays)) is not None:
         kl, problems = kernel.kl(be, family, arrays), {}  # accelerated families have no invalid values
