@@ -56,3 +56,19 @@ def test_kl_functions_use_the_cache_directory_from_the_environment(tmp_path, mon
     monkeypatch.setenv("KL_BENCH_CACHE", str(tmp_path / "refs"))
     reference.kl_vae([0.5, 0.1], [0.2, -0.3])
     assert len(list((tmp_path / "refs").rglob("*.json"))) == 1
+
+
+def test_an_unreadable_or_read_only_cache_is_given_up_and_values_still_come(tmp_path, monkeypatch, capsys):
+    """Permissions cannot be taken from root (CI runs as root): the errors are raised as the OS would."""
+    cache = reference.Cache(tmp_path)
+    first = cache.value(*ARGS)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(type(cache.path(cache.key(*ARGS))), "read_text", denied)  # an unreadable subdirectory
+    monkeypatch.setattr(reference.tempfile, "mkstemp", denied)  # and a read-only one
+    again = reference.Cache(tmp_path)
+    assert again.value(*ARGS) == first and again.value(*ARGS) == first
+    assert again.unusable == f"Permission denied: {tmp_path}"
+    assert capsys.readouterr().err.count("cannot be used") == 1
