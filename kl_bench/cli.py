@@ -51,8 +51,9 @@ def _choices(kind, allowed):
     return parse
 
 
-def _selection(parser, methods=True):
-    parser.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
+def _selection(parser, methods=True, backend_names=True):
+    if backend_names:
+        parser.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
     parser.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
     parser.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES), help="comma-separated (default: all)")
     if methods:
@@ -188,10 +189,7 @@ def _add_export(sub):
                          "project can test its KL against them without this package.")
     exp.add_argument("dir", type=Path)
     exp.add_argument("--sweep", choices=cases.SWEEPS, default="quick", help="which case sets (default: quick)")
-    exp.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
-    exp.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES), help="comma-separated (default: all)")
-    exp.add_argument("--seed", type=int, default=0)
-    exp.add_argument("--quiet", action="store_true", help="no progress lines")
+    _selection(exp, methods=False, backend_names=False)
 
 
 def main(argv=None) -> int:

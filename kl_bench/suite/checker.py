@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .. import families
-from . import bounds, cases, gradient_checks, metrics
+from . import bounds, cases, gradient_checks, metrics, tables
 from .accuracy import errors, references
 from .isolation import DEFAULT_TIMEOUT, Isolated, UserFunction, target_name
 from .subjects import Subject
@@ -76,9 +76,8 @@ class CheckResult:
     def table(self) -> pd.DataFrame:
         """Per regime and parameter, worst first: the failures and the worst case's error, allowance and reason."""
         keys = ["regime", "param"]
-        c = self.cases.assign(over=self.cases.ulps / self.cases.allowed)
-        worst = c.sort_values(["passed", "over"], ascending=[True, False]).drop_duplicates(keys)  # NaN params group together
-        counts = c.groupby(keys, dropna=False).agg(n=("ulps", "size"), failures=("passed", lambda p: int((~p).sum())),
+        worst = tables.worst_first(self.cases).drop_duplicates(keys)  # NaN params group together
+        counts = self.cases.groupby(keys, dropna=False).agg(n=("ulps", "size"), failures=("passed", lambda p: int((~p).sum())),
                                                    ours_max_ulps=("ours_ulps", "max")).reset_index()
         table = counts.merge(worst[keys + ["ulps", "allowed", "over", "reason"]], on=keys)
         table = table.rename(columns={"ulps": "worst_ulps", "over": "worst_over_allowed"})
@@ -86,13 +85,14 @@ class CheckResult:
 
     def worst(self) -> pd.Series:
         """The worst case: a failing one first, then the largest error over its allowance."""
-        c = self.cases.assign(over=self.cases.ulps / self.cases.allowed)
-        return c.sort_values(["passed", "over"], ascending=[True, False]).iloc[0]
+        return tables.worst_first(self.cases).iloc[0]
 
     def worst_inputs(self) -> tuple:
         """The arguments of the worst case, as float64 NumPy arrays with a batch of one."""
-        w = self.worst()
-        return tuple(a[w.case : w.case + 1] for a in self.inputs[w.case_set])
+        return self._inputs_of(self.worst())
+
+    def _inputs_of(self, row: pd.Series) -> tuple:
+        return tuple(a[row.case : row.case + 1] for a in self.inputs[row.case_set])
 
     def report(self) -> str:
         failures = int((~self.cases.passed).sum())
@@ -125,9 +125,8 @@ class CheckResult:
 
     def gradient_reproduction(self) -> str:
         """The same for the worst gradient: the gradient of the sum with respect to the worst argument."""
-        w = gradient_checks.worst(self.gradients)
-        inputs = tuple(a[w.case : w.case + 1] for a in self.inputs[w.case_set])
-        lines, names, call = self._setup(inputs, requires_grad=True)
+        w = tables.worst_first(self.gradients).iloc[0]
+        lines, names, call = self._setup(self._inputs_of(w), requires_grad=True)
         exact = [float(v) for v in w.exact]
         if self.backend == "torch":
             lines += [f"{call}.sum().backward()", f"print({w.argument}.grad.flatten().tolist())  # exact: {exact!r}"]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import backends, families
-from . import bounds, gradients
+from . import bounds, gradients, tables
 from .isolation import GRADIENT, GRADIENT_JIT
 
 REGIMES = ("generic", "equal", "near-equal", "collapse", "extreme-scale", "extreme-scale-near", "extreme-logvar")
@@ -72,15 +72,11 @@ def _reason(computed, exact, ulps: float, nonfinite: bool, allowed: float) -> st
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """Per way of differentiating, argument and regime, worst first: failures, NaN entries, worst ulps and its reason."""
     keys = ["mode", "argument", "regime"]
-    worst = df.assign(over=df.ulps / df.allowed).sort_values(["passed", "over"], ascending=[True, False]).drop_duplicates(keys)
+    worst = tables.worst_first(df).drop_duplicates(keys)
     counts = df.groupby(keys, sort=False).agg(n=("passed", "size"), failures=("passed", lambda p: int((~p).sum())),
                                               nans=("nans", "sum")).reset_index()
     out = counts.merge(worst[keys + ["ulps", "allowed", "reason"]], on=keys).rename(columns={"ulps": "worst_ulps"})
     return out.sort_values(["failures", "worst_ulps"], ascending=False).reset_index(drop=True)
-
-
-def worst(df: pd.DataFrame) -> pd.Series:
-    return df.assign(over=df.ulps / df.allowed).sort_values(["passed", "over"], ascending=[True, False]).iloc[0]
 
 
 def report(df: pd.DataFrame) -> str:
@@ -89,7 +85,7 @@ def report(df: pd.DataFrame) -> str:
              f"(allowed: kl-bench's promised gradient bound, {bounds.GRADIENT_ULPS:g} normwise ulps; x cond(S_q) for cov)", ""]
     with pd.option_context("display.width", 250, "display.max_colwidth", 60):
         lines.append(table(df).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    w = worst(df)
+    w = tables.worst_first(df).iloc[0]
     lines += ["", f"Worst gradient: {w.case_set} #{w.case}, d/d{w.argument} ({w['mode']}): {w.ulps:.3g} normwise ulps"
               f"{'; ' + w.reason if w.reason else ''}"]
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import pandas as pd
 from .. import families
 from . import cases, metrics
 from .accuracy import row
-from .reference import MAX_PREC, START_PREC, as_mp, is_exactly_zero, rational, rational_matrix, rationals, symmetric_matrix
+from .reference import MAX_PREC, START_PREC, as_mp, differences, is_exactly_zero, rational, rational_matrix, rationals, symmetric_matrix
 from .subjects import available, describe
 
 CERTIFIED_BITS = 70  # each element of an exact gradient, relative
@@ -52,7 +52,7 @@ def _covariance_gradients(mu_p, s_p, mu_q, s_q):
 
     k = s_p.nrows()
     inv_q, inv_p = s_q.inv(), s_p.inv()
-    d = fmpq_mat(k, 1, [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))])
+    d = fmpq_mat(k, 1, differences(mu_p, mu_q))
     half = rational(0.5)
     return inv_q * d, (inv_q - inv_p) * half, (inv_q - inv_q * (s_p + d * d.transpose()) * inv_q) * half
 

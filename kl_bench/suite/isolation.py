@@ -2,10 +2,10 @@
 
 ``kl-bench check`` sends each case set's inputs (copies: the function may overwrite them) to a
 worker, a fresh Python interpreter, which converts them to the chosen backend, calls the function
-and sends back float64 results (or the gradients of their sum). Whatever the function does, exiting (``SystemExit``,
-``os._exit``), crashing the interpreter (a segfault) or never returning (past ``timeout``
-seconds), the checker sees it as that call's failure, starts a fresh worker and goes on; the
-verdict and the exit code stay the checker's.
+and sends back float64 results (or the gradients of their sum). Whatever the function does,
+exiting (``SystemExit``, ``os._exit``), crashing the interpreter (a segfault) or never returning
+(past ``timeout`` seconds), the checker sees it as that call's failure, starts a fresh worker and
+goes on; the verdict and the exit code stay the checker's.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Isolated:
         if self.process is None:
             self._start()
         try:
-            _send(self.process.stdin, (what, family, [np.array(a) for a in arrays], dtype))
+            _send(self.process.stdin, (what, family, list(arrays), dtype))  # pickled: the worker gets its own copies
             ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
             if not ready:
                 self._stop()

@@ -199,6 +199,11 @@ def rationals(a: np.ndarray) -> list:
     return [rational(v) for v in np.ravel(a)]
 
 
+def differences(a: np.ndarray, b: np.ndarray) -> list:
+    """a - b elementwise, exactly (flattened)."""
+    return [x - y for x, y in zip(rationals(a), rationals(b))]
+
+
 def _terms_normal(mu_p, s_p, mu_q, s_q) -> Terms:
     s_p, s_q = _positive(s_p, "scale_p"), _positive(s_q, "scale_q")
     z = (rational(mu_p) - rational(mu_q)) / s_q
@@ -207,7 +212,7 @@ def _terms_normal(mu_p, s_p, mu_q, s_q) -> Terms:
 
 def _terms_diag(mu_p, l_p, mu_q, l_q) -> Terms:
     l_p, l_q = rationals(l_p), rationals(l_q)
-    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
+    dmu = differences(mu_p, mu_q)
     return Terms(rational=rational(0), phi=[a - b for a, b in zip(l_p, l_q)], exp=[(d * d, -b) for d, b in zip(dmu, l_q)])
 
 
@@ -244,7 +249,7 @@ def _terms_tril(mu_p, tril_p, mu_q, tril_q) -> Terms:
     for name, factor in (("tril_p", l_p), ("tril_q", l_q)):
         if any(factor[i, i] <= 0 for i in range(k)):
             raise ValueError(f"{name} has a non-positive diagonal")
-    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
+    dmu = differences(mu_p, mu_q)
     # E = L_q^-1 (L_p - L_q) and z = L_q^-1 dmu, exactly; A = I + E has diagonal r_i = L_p,ii / L_q,ii.
     difference = l_p - l_q
     solved = _solve(l_q, [[difference[i, j] for i in range(k)] for j in range(k)] + [dmu])
@@ -283,7 +288,7 @@ def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
     k = cov_p.shape[-1]
     s_p, s_q = symmetric_matrix(cov_p), symmetric_matrix(cov_q)
     pivots_p, pivots_q = ldl_pivots(s_p, "cov_p"), ldl_pivots(s_q, "cov_q")
-    dmu = [a - b for a, b in zip(rationals(mu_p), rationals(mu_q))]
+    dmu = differences(mu_p, mu_q)
     solved = _solve(s_q, [[s_p[i, j] for i in range(k)] for j in range(k)] + [dmu])  # S_q^-1 [S_p | dmu]
     ratios = [p / q for p, q in zip(pivots_p, pivots_q)]  # det S_p / det S_q = prod ratios
     # tr(S_q^-1 S_p) - k - ln(det S_p / det S_q) = sum psi(ratio - 1) + (trace - sum ratios)

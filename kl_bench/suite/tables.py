@@ -59,6 +59,12 @@ def speed_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_index()
 
 
+def worst_first(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a check (``ulps``, ``allowed``, ``passed``): failing ones first, then by error over
+    allowance, largest first; with that ratio as ``over``."""
+    return df.assign(over=df.ulps / df.allowed).sort_values(["passed", "over"], ascending=[True, False])
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A Markdown table of a pivot (no extra dependency)."""
 

@@ -55,11 +55,13 @@ def inputs(family: str, batch: int, k: int, seed: int = 0) -> list[np.ndarray]:
     return [make[arg.kind]() for arg in fam.args]
 
 
-def input_bytes(family: str, batch: int, k: int, dtype: str) -> int:
-    """Bytes of the inputs, read once by a kernel at the memory-bandwidth limit."""
+def input_bytes(family: str, batch: int, k: int, dtype: str, largest_only: bool = False) -> int:
+    """Bytes of the inputs, read once by a kernel at the memory-bandwidth limit (``largest_only``:
+    of the largest argument)."""
     fam = families.get(family)
     count = batch * k if fam.elementwise else batch
-    per_element = sum(k**core for core in fam.core_ndims)
+    sizes = [k**core for core in fam.core_ndims]
+    per_element = max(sizes) if largest_only else sum(sizes)
     return count * per_element * (8 if dtype == "float64" else 4 if dtype == "float32" else 2)
 
 
@@ -132,9 +134,7 @@ class Workload:
 
     @property
     def largest_input_bytes(self) -> int:
-        fam = families.get(self.family)
-        count = self.batch * self.k if fam.elementwise else self.batch
-        return count * self.k ** max(fam.core_ndims) * (self.nbytes // (count * sum(self.k**c for c in fam.core_ndims)))
+        return input_bytes(self.family, self.batch, self.k, self.dtype, largest_only=True)
 
     @property
     def flops(self) -> float | None:
