@@ -269,6 +269,51 @@ def kl_tril(be, loc_p, tril_p, loc_q, tril_q, *, method, check):
     return _mask_problems(be, kl, problems, invalid), problems
 
 
+SHIFTED_CHOLESKY_LEAF = 32  # blocks up to this size are factored by LAPACK and one Newton step
+
+
+def _shifted_cholesky(be, m, factor_needed=False):
+    """The factorisation I + M = (I + N)(I + N)^T (N lower triangular, M symmetric, only its lower
+    triangle read) to the relative accuracy of N's entries: docs/design.md, "kl_cov without an
+    eigendecomposition". Returns u_j = (1 + N_jj)^2 - 1 = N_jj (2 + N_jj), the sum of squares of
+    N's strict lower triangle and, if ``factor_needed``, N itself.
+
+    Blocked recursively: the leading half by recursion, the panel below it by a triangular solve
+    with I + N_11 (N_21 (I + N_11)^T = M_21), the trailing half, less N_21 N_21^T, by recursion.
+    A leaf takes C = cholesky(I + M), whose N_0 = C - I is exact only to an absolute eps, and
+    corrects it with one Newton step computed in small quantities, so that 1 is never added to a
+    small number for good: the residual R = M - N_0 - N_0^T - N_0 N_0^T and
+    Delta = C Phi(C^-1 R C^-T) (Phi: the lower triangle, diagonal halved) leave an error of
+    eps |N| + O(eps^2); where M is below eps, C = I and N = Phi(M) to first order.
+    A leaf whose I + M does not factor gets u = -1."""
+    xp = be.xp
+    k = m.shape[-1]
+    if k <= SHIFTED_CHOLESKY_LEAF:
+        eye = be.eye_like(m)
+        lower = xp.tril(m)
+        m = lower + xp.matrix_transpose(xp.tril(m, k=-1))
+        c, failed = be.cholesky_ex(eye + m)
+        c = xp.where(failed[..., None, None], eye, c)
+        n0 = c - eye
+        r = m - (n0 + xp.matrix_transpose(n0)) - n0 @ xp.matrix_transpose(n0)
+        y = be.solve_triangular(c, xp.matrix_transpose(be.solve_triangular(c, r)))
+        n = n0 + c @ (y * (xp.tril(xp.ones_like(y)) - 0.5 * eye))
+        diagonal = xp.linalg.diagonal(n)
+        strict = xp.tril(n, k=-1)
+        u = xp.where(failed[..., None], -1.0, diagonal * (2.0 + diagonal))
+        return u, _sum_last2(xp, strict * strict), (n if factor_needed else None)
+    h = k // 2
+    u1, squares1, n11 = _shifted_cholesky(be, m[..., :h, :h], factor_needed=True)
+    n21 = xp.matrix_transpose(be.solve_triangular(n11 + be.eye_like(n11), xp.matrix_transpose(m[..., h:, :h])))
+    u2, squares2, n22 = _shifted_cholesky(be, m[..., h:, h:] - n21 @ xp.matrix_transpose(n21), factor_needed)
+    u = xp.concat([u1, u2], axis=-1)
+    squares = squares1 + squares2 + _sum_last2(xp, n21 * n21)
+    if not factor_needed:
+        return u, squares, None
+    zeros = xp.zeros_like(m[..., :h, h:])
+    return u, squares, xp.concat([xp.concat([n11, zeros], axis=-1), xp.concat([n21, n22], axis=-1)], axis=-2)
+
+
 def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     xp = be.xp
     k = cov_p.shape[-1]
@@ -286,29 +331,26 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         kl = 0.5 * (trace + quad - k + logdet)
         bad_p = be.cholesky_ex(cov_p)[1] if check else None
     else:
-        # M = L_q^-1 (S_p - S_q) L_q^-T has eigenvalues lambda_i > -1 and
-        # KL = 1/2 [sum psi(lambda_i) + ||z||^2], z = L_q^-1 dmu.
-        solved = be.solve_triangular(factor_q, xp.concat([cov_p - cov_q, dmu], axis=-1))
-        half = be.solve_triangular(factor_q, xp.matrix_transpose(solved[..., :k]))
-        m = 0.5 * (half + xp.matrix_transpose(half))
-        lam = xp.linalg.eigvalsh(m)
-        # Positive-definiteness is decided by each matrix's own factorisation: an eigenvalue <= -1
-        # of M from rounding (S_p far narrower than S_q) takes the log-determinant route below.
+        # M = L_q^-1 (S_p - S_q) L_q^-T, and I + M = (I + N)(I + N)^T factored in small quantities:
+        # tr(M) - ln det(I + M) = sum_j psi(u_j) + sum_{i>j} N_ij^2, every term >= 0, and
+        # KL = 1/2 [that + ||z||^2], z = L_q^-1 dmu.
+        solved = be.solve_triangular(factor_q, cov_p - cov_q)
+        m = be.solve_triangular(factor_q, xp.matrix_transpose(solved))  # only its lower triangle is read
+        z = be.solve_triangular(factor_q, dmu)[..., 0]
+        u, squares, _ = _shifted_cholesky(be, m)
+        # Positive-definiteness is decided by each matrix's own factorisation.
         factor_p, bad_p = be.cholesky_ex(cov_p)
-        lam = xp.where(bad_p[..., None], 0.0, lam)
         factor_p = xp.where(bad_p[..., None, None], be.eye_like(factor_p), factor_p)
-        # Eigenvalues come with an absolute error, which log1p(lambda) magnifies by 1/(1 + lambda)
-        # where p is much narrower than q. For lambda < -1/2 the sum of log1p(lambda) is taken
-        # instead from the log-determinants, whose Cholesky factors carry relative errors:
-        # sum log1p(lambda_i) = ln det S_p - ln det S_q.
-        narrow = lam < -0.5
-        log1p_wide = xp.sum(xp.where(narrow, 0.0, xp.log1p(xp.where(narrow, 0.0, lam))), axis=-1)
-        logdet_ratio = 2.0 * xp.sum(
-            xp.log(xp.linalg.diagonal(factor_p)) - xp.log(xp.linalg.diagonal(factor_q)), axis=-1
-        )
-        log1p_narrow = xp.where(xp.any(narrow, axis=-1), logdet_ratio - log1p_wide, 0.0)
-        psi_sum = xp.sum(xp.where(narrow, lam, psi(be, xp.where(narrow, 0.0, lam))), axis=-1) - log1p_narrow
-        kl = 0.5 * psi_sum + 0.5 * xp.sum(solved[..., k] ** 2, axis=-1)
+        # A pivot 1 + u_j < 1/2 (S_p much narrower than S_q in some direction) has lost digits to
+        # the absolute error of M, and so has the rest of N after it. There the KL is at least
+        # psi(-1/2)/2 (a pivot bounds the smallest eigenvalue of I + M from above), and it is
+        # taken as tr(M) - ln det S_p + ln det S_q, the log-determinants from the factors,
+        # which carry relative errors.
+        narrow = xp.any(u < -0.5, axis=-1)
+        wide_sum = xp.sum(psi(be, xp.where(narrow[..., None], 0.0, u)), axis=-1) + squares
+        logdet_ratio = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(factor_p)) - xp.log(xp.linalg.diagonal(factor_q)), axis=-1)
+        narrow_sum = xp.sum(xp.linalg.diagonal(m), axis=-1) - logdet_ratio
+        kl = 0.5 * xp.where(narrow, narrow_sum, wide_sum) + 0.5 * xp.sum(z * z, axis=-1)
     bad = nan_rows | bad_q
     if bad_p is not None:
         bad = bad | bad_p

@@ -49,8 +49,8 @@ def test_naive_agrees_with_stable_on_generic_inputs(kl_target, family):
 
 
 def test_cov_where_p_is_much_narrower_than_q(kl_target):
-    """1 + lambda_min of S_q^-1 S_p down to 1e-4, where log1p(lambda) would magnify the
-    eigensolver's absolute error 1e4 times. Here S_p itself is ill-conditioned, and the KL is as
+    """1 + lambda_min of S_q^-1 S_p down to 1e-4, where a pivot of I + M would carry M's absolute
+    error magnified 1e4 times (the log-determinant route). Here S_p itself is ill-conditioned, and the KL is as
     sensitive to S_p (dKL/dS_p = (S_q^-1 - S_p^-1)/2) as to S_q: no backward-stable method beats
     about cond(S_p) ulp, so cond(S_p) is added to the bound 16 + cond(S_q)."""
     rng = np.random.default_rng(42)

@@ -67,9 +67,9 @@ def input_bytes(family: str, batch: int, k: int, dtype: str, largest_only: bool 
 
 def nominal_flops(family: str, batch: int, k: int) -> float | None:
     """Floating-point operations of the full-covariance kernels (k^3 for a triangular solve with
-    k right-hand sides; cov adds two Cholesky factorisations, a second solve and a symmetric
-    eigenvalue decomposition, counted as 4 k^3 in all); None for the elementwise families."""
-    return {"tril": 1.0, "cov": 4.0}.get(family, 0.0) * batch * float(k) ** 3 or None
+    k right-hand sides; cov has two of them, two Cholesky factorisations and the shifted
+    Cholesky recurrence, k^3 / 3 each: 3 k^3 in all); None for the elementwise families."""
+    return {"tril": 1.0, "cov": 3.0}.get(family, 0.0) * batch * float(k) ** 3 or None
 
 
 @functools.cache
