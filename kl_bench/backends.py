@@ -33,6 +33,26 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]  # cached: str() of a dtype costs microseconds a call
 
 
+class lazy:
+    """A value computed on first access and stored on the instance, which then shadows this
+    descriptor: ``functools.cached_property`` without its lock (Python 3.11's lock stops
+    ``torch.compile(fullgraph=True)`` from tracing a KL call)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = self.compute(obj)
+        obj.__dict__[self.name] = value
+        return value
+
+
 class Backend:
     """Interface of an adapter; subclasses fill it in for one framework."""
 
@@ -50,7 +70,7 @@ class Backend:
     # -- namespace and dtypes ---------------------------------------------------------------
     namespace = ""  # module of the framework's array-API namespace
 
-    @functools.cached_property
+    @lazy
     def xp(self):
         return importlib.import_module(self.namespace)
 
@@ -113,6 +133,10 @@ class Backend:
     # -- execution ----------------------------------------------------------------------------
     def is_traced(self, x) -> bool:
         """True while a compiler is tracing ``x`` (no concrete values to validate)."""
+        return False
+
+    def looks_at_traced_values(self, x) -> bool:
+        """While tracing ``x``, can a Python branch still read its values (at a graph break)?"""
         return False
 
     differentiable = False  # has grad_of_sum
@@ -194,11 +218,21 @@ class TorchBackend(Backend):
         torch = sys.modules.get("torch")
         return torch is not None and isinstance(x, torch.Tensor)
 
-    @functools.cached_property
+    @lazy
     def torch(self):
         import torch
 
         return torch
+
+    @lazy
+    def xp(self):
+        import array_api_compat.torch as xp  # an import statement, which torch.compile traces
+
+        return xp
+
+    def result_dtype(self, arrays):
+        dtype = functools.reduce(self.torch.promote_types, [a.dtype for a in arrays])
+        return dtype if dtype.is_floating_point else self.torch.float64
 
     def asarray(self, x, dtype=None, device=None):
         if isinstance(dtype, str):
@@ -245,6 +279,19 @@ class TorchBackend(Backend):
         torch = self.torch
         return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
+    def looks_at_traced_values(self, x):
+        # torch.compile breaks the graph there and runs the check eagerly (an error under
+        # fullgraph=True, hence validate=False there); a torch.func transform cannot
+        return self.torch.compiler.is_compiling()
+
+    @lazy
+    def _dtype_names(self):
+        return {getattr(self.torch, name): name for name in FLOAT_DTYPES}
+
+    def dtype_name(self, dtype):
+        # a dict lookup, which torch.compile traces (it warns on the lru_cache of the general one)
+        return self._dtype_names.get(dtype) or super().dtype_name(dtype)
+
     def sync(self, x=None):
         if self.torch.cuda.is_available() and self.torch.cuda.is_initialized():
             self.torch.cuda.synchronize()
@@ -259,7 +306,7 @@ class JaxBackend(Backend):
         jax = sys.modules.get("jax")
         return jax is not None and isinstance(x, jax.Array)
 
-    @functools.cached_property
+    @lazy
     def jax(self):
         import jax
 

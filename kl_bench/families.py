@@ -6,8 +6,7 @@ reference formula (``suite/reference.py``) and case generator (``suite/cases.py`
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # What an argument holds, per batch element.
 LOC = "loc"  # a mean
@@ -30,25 +29,17 @@ class Family:
     args: tuple[Arg, ...]
     accelerated: tuple[str, ...] = ()  # kernels of ``kl_bench.accel`` that exist for this family
 
-    # Cached: every KL call reads them.
-    @functools.cached_property
-    def names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.args)
+    # Derived once (every KL call reads them): plain attributes, which compilers trace through.
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    core_ndims: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    elementwise: bool = field(init=False, repr=False, compare=False)  # one KL per element of the broadcast inputs
+    full: bool = field(init=False, repr=False, compare=False)  # matrix arguments, linear algebra per batch element
 
-    @functools.cached_property
-    def core_ndims(self) -> tuple[int, ...]:
-        return tuple(a.core_ndim for a in self.args)
-
-    @functools.cached_property
-    def elementwise(self) -> bool:
-        """One KL per element of the broadcast inputs (no axis is summed)."""
-        return max(self.core_ndims) == 0
-
-    @functools.cached_property
-    def full(self) -> bool:
-        """Full covariance: matrix arguments, linear algebra per batch element (otherwise the work
-        is elementwise and bound by memory bandwidth)."""
-        return max(self.core_ndims) == 2
+    def __post_init__(self):
+        core_ndims = tuple(a.core_ndim for a in self.args)
+        for name, value in (("names", tuple(a.name for a in self.args)), ("core_ndims", core_ndims),
+                            ("elementwise", max(core_ndims) == 0), ("full", max(core_ndims) == 2)):
+            object.__setattr__(self, name, value)  # frozen
 
     def of_kind(self, *kinds: str) -> tuple[str, ...]:
         """Names of the arguments of these kinds."""

@@ -73,8 +73,8 @@ def half_phi(be, x):
     xe = xp.where(near_overflow, high, xa)
     positive = 0.5 * xp.expm1(xe) - 0.5 * xe
     half_exp = xp.exp(0.5 * xp.where(near_overflow, xa, high))
-    # minimum(): at x = inf the result is inf, not inf - inf
-    positive = xp.where(near_overflow, (0.5 * half_exp) * half_exp - 0.5 * xp.minimum(xa, finfo.max), positive)
+    # clip(): at x = inf the result is inf, not inf - inf
+    positive = xp.where(near_overflow, (0.5 * half_exp) * half_exp - 0.5 * xp.clip(xa, max=finfo.max), positive)
     return xp.where(below, negative, xp.where(above, positive, series))
 
 
@@ -88,7 +88,7 @@ def psi(be, x):
     s = xs / (2.0 + xs)
     s2 = s * s
     series = s * xs - 2.0 * (s2 * s) * _horner(s2, PSI_COEFFS[_dtype_key(be, x)])
-    direct = xd - xp.log1p(xp.minimum(xd, xp.finfo(x.dtype).max))
+    direct = xd - xp.log1p(xp.clip(xd, max=xp.finfo(x.dtype).max))
     return xp.where(inside, series, direct)
 
 
@@ -189,7 +189,7 @@ def kl_diag(be, loc_p, logvar_p, loc_q, logvar_q, *, method, check):
     x, err = _two_diff(logvar_p, logvar_q)
     err = xp.where(xp.isfinite(err), err, 0.0)  # no error to correct where x is infinite
     half_phi_x = half_phi(be, x)
-    half_expm1 = xp.minimum(half_phi_x + 0.5 * x, xp.finfo(x.dtype).max)
+    half_expm1 = xp.clip(half_phi_x + 0.5 * x, max=xp.finfo(x.dtype).max)
     correction = xp.where((err == 0.0) | xp.isinf(half_phi_x), 0.0, err * half_expm1)
     terms = half_phi_x + correction + _half_scaled_square(be, loc_p - loc_q, logvar_q)
     return xp.sum(terms, axis=-1), {}

@@ -59,7 +59,7 @@ def _call(family, values, method, validate):
         kernel = kernels.compiled(be, family, method, validate)
         along = blocks.plan(fam, arrays) if be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None
         kl, problems = blocks.run(be, fam, kernel, arrays, along) if along else kernel(*arrays)
-    if validate and not traced:
+    if validate and (not traced or be.looks_at_traced_values(arrays[0])):
         _raise_problems(be, problems, dict(zip(fam.names, arrays)))
     if be.dtype_name(kl.dtype) != be.dtype_name(result_dtype):
         kl = be.xp.astype(kl, result_dtype)

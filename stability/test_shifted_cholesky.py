@@ -4,6 +4,7 @@ eigendecomposition"), across the recursive blocks."""
 
 import numpy as np
 import pytest
+
 from kl_bench import backends, kernels
 from kl_bench.suite import reference
 
