@@ -54,7 +54,7 @@ def _call(family, values, method, validate):
     if traced:  # inside the caller's jax.jit, torch.compile or torch.func transform: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     elif (kernel := accel.select(be, family, method, arrays)) is not None:
-        kl, problems = kernel.kl(be, family, arrays), {}  # accelerated families have no invalid values
+        kl, problems = kernel.kl(be, family, arrays, validate)
     else:
         kernel = kernels.compiled(be, family, method, validate)
         along = blocks.plan(fam, arrays) if be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None

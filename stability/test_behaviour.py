@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kl_bench
-from kl_bench import families, kl
+from kl_bench import accel, families, kl
 from kl_bench.backends import FLOAT_DTYPES
 from kl_bench.suite import accuracy, bounds, cases, metrics, reference
 from kl_bench.suite.subjects import Subject
@@ -17,8 +17,11 @@ FAMILIES = kl.FAMILIES
 
 
 def _call(subject, family, arrays, dtype="float64", **kwargs):
+    """``kl_bench.kl_<family>`` called directly, with the subject's kernel where it names one."""
     args = [subject.asarray(np.asarray(a), dtype) for a in arrays]
-    return getattr(kl_bench, f"kl_{family}")(*args, method=subject.method, **kwargs)
+    kernel = subject.mode if subject.mode in accel.CHOICES else "auto"
+    with accel.use(kernel):
+        return getattr(kl_bench, f"kl_{family}")(*args, method=subject.method, **kwargs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,15 +1,17 @@
 """Accelerated kernels, one module per kind, chosen by the small registry below.
 
 The array path (``kl_bench.kernels``) runs one array operation per pass over memory; an accelerated
-kernel fuses a family's stable form into one pass. Today: ``numba`` (``numba_cpu.py``), for
-float32 and half-precision NumPy arrays and Torch CPU tensors. A kernel module has
-``takes(be, arrays) -> bool`` and ``kl(be, family, arrays)``; which families have which kernels is
-in ``kl_bench.families``.
+kernel fuses a family's stable form into one pass. ``triton`` (``triton_gpu.py``): CUDA tensors,
+float64, float32 and half precision, forward and backward. ``numba`` (``numba_cpu.py``): float32
+and half-precision NumPy arrays and Torch CPU tensors. A kernel module has
+``takes(be, arrays) -> bool`` and ``kl(be, family, arrays, check) -> (kl, problems)``; which
+families have which kernels is in ``kl_bench.families`` (tried in that order).
 
 ``KL_BENCH_KERNEL`` (environment, read at import) or ``use(...)`` (a context manager) chooses:
 ``auto`` (the default: an accelerated kernel wherever one is installed, exists for the family and
-takes the arrays, else the array path), ``array`` (always the array path) or a kernel's name
-(that kernel where it takes the arrays, else the array path).
+takes the arrays, else the array path: Triton for CUDA tensors, numba for CPU ones), ``array``
+(always the array path) or a kernel's name (that kernel where it takes the arrays, else the array
+path; ``triton`` on CPU tensors runs Triton's interpreter where ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class Accelerated:
         return _module(self.module)
 
 
-REGISTRY: dict[str, Accelerated] = {k.name: k for k in (Accelerated("numba", ".numba_cpu", "numba"),)}
+REGISTRY: dict[str, Accelerated] = {k.name: k for k in (
+    Accelerated("triton", ".triton_gpu", "triton"),
+    Accelerated("numba", ".numba_cpu", "numba"),
+)}
 ARRAY = "array"
 CHOICES = ("auto", ARRAY, *REGISTRY)
 
@@ -90,3 +95,28 @@ def select(be, family: str, method: str, arrays):
             if kernel.takes(be, arrays):
                 return kernel
     return None
+
+
+def autograd_function(values, gradients):
+    """A ``torch.autograd.Function`` around a fused kernel: ``values(family, arrays)`` forward,
+    ``gradients(family, g, arrays)`` (d KL / d each argument times ``g``, in each argument's shape)
+    backward."""
+    import torch
+
+    class FusedKL(torch.autograd.Function):
+        @staticmethod
+        def forward(family, *arrays):
+            return values(family, arrays)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.family = inputs[0]
+            ctx.save_for_backward(*inputs[1:])
+
+        @staticmethod
+        def backward(ctx, g):
+            arrays = ctx.saved_tensors
+            grads = gradients(ctx.family, g, arrays)
+            return (None, *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[1:])))
+
+    return FusedKL

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from .. import backends, kernels
+from . import autograd_function
 
 DTYPE = "float32"  # the compute dtype; half precision arrives as float32
 _PARALLEL_MIN = 1 << 15  # elements below which one thread beats starting the pool
@@ -34,12 +35,13 @@ def takes(be, arrays) -> bool:
     return be.name == "numpy" and arrays[0].dtype == np.float32
 
 
-def kl(be, family, arrays):
-    """The KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by the caller);
-    Torch tensors that need a gradient get it from ``_torch_function()``."""
+def kl(be, family, arrays, check):
+    """(KL, {}): the KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by
+    the caller; these families have no invalid values); Torch tensors that need a gradient get it
+    from ``gradients``."""
     if be.name == "torch" and be.torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
-        return _torch_function().apply(family, *arrays)
-    return _values(be, family, arrays)
+        return _function().apply(family, *arrays), {}
+    return _values(be, family, arrays), {}
 
 
 def _values(be, family, arrays):
@@ -83,25 +85,9 @@ def gradients(family, g, arrays):
 
 
 @functools.cache
-def _torch_function():
-    import torch
-
-    class TorchKL(torch.autograd.Function):
-        """The fused forward pass with the derivatives of ``gradients`` as its backward pass."""
-
-        @staticmethod
-        def forward(ctx, family, *arrays):
-            ctx.family = family
-            ctx.save_for_backward(*arrays)
-            return _values(backends.get("torch"), family, arrays)
-
-        @staticmethod
-        def backward(ctx, g):
-            arrays = ctx.saved_tensors
-            grads = gradients(ctx.family, g.to(arrays[0].dtype), arrays)
-            return (None, *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[1:])))
-
-    return TorchKL
+def _function():
+    return autograd_function(lambda family, arrays: _values(backends.get("torch"), family, arrays),
+                             lambda family, g, arrays: gradients(family, g.to(arrays[0].dtype), arrays))
 
 
 # e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r = 1 + r + r^2 q(r), where

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import accel, families
 from . import runner, tables
-from .subjects import ARRAY
+from .subjects import ARRAY, FUSED, MODES
 
 # One line of code per implementation; {f} is the family, {args} its arguments.
 CODE = {
@@ -54,16 +54,18 @@ def code_line(row: pd.Series, family: str) -> str:
             line = f"jax.jit({line.split('(')[0]})({args}{extra})"
         elif row["mode"] == "torch.compile":
             line = f"torch.compile({line.split('(')[0]})({args}{extra})"
-        elif row["mode"] == ARRAY and row.method == "stable" and _accelerated_here(row.backend, family):
+        elif row["mode"] == ARRAY and row.method == "stable" and _accelerated_here(row.backend, row.device, family):
             line = f'with kl_bench.accel.use("{ARRAY}"): {line}'
-        note = f"  # {arrays} on {row.device}" + ('; pip install "kl-bench[numba]"' if row["mode"] == "numba" else "")
+        note = f"  # {arrays} on {row.device}" + (f'; pip install "kl-bench[{row["mode"]}]"' if row["mode"] in FUSED else "")
         line += note
     return line
 
 
-def _accelerated_here(backend: str, family: str) -> bool:
-    """Would a plain call on this backend take an accelerated kernel (so that the array path needs asking for)?"""
-    return accel.REGISTRY["numba"].available() and backend in ("numpy", "torch") and family in families.with_kernel("numba")
+def _accelerated_here(backend: str, device: str, family: str) -> bool:
+    """Would a plain call on this backend and device take an accelerated kernel (so that the array
+    path needs asking for)?"""
+    kernel = "triton" if device == "cuda" else "numba"
+    return (accel.REGISTRY[kernel].available() and backend in MODES[kernel] and family in families.with_kernel(kernel))
 
 
 def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: str = "cpu", max_ulps: float | None = None,

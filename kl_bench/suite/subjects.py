@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ ARRAY = accel.ARRAY  # op by op on the framework's arrays (third parties run so 
 MODES = {
     ARRAY: ("numpy", "torch", "jax"),  # (JAX compiles and caches the kernel itself)
     "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.accel
+    "triton": ("torch",),  # the fused GPU kernels of kl_bench.accel (on CPU tensors: Triton's interpreter)
     "jax.jit": ("jax",),  # inside the caller's jit
     "torch.compile": ("torch",),
 }
@@ -92,6 +94,14 @@ class Subject:
                 return f"numba fuses only the {' and '.join(kernel_families)} families"
             if dtype == "float64":
                 return "numba fuses float32 and half precision (float64 takes the array path)"
+        if self.mode == "triton":
+            kernel_families = families.with_kernel("triton")
+            if self.method != "stable":
+                return "Triton fuses the stable kernels only"
+            if self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                return "Triton runs on CUDA tensors, and on CPU ones only under TRITON_INTERPRET=1"
+            if family is not None and family not in kernel_families:
+                return f"Triton fuses only the {', '.join(kernel_families)} families"
         if family is not None and family not in self.family_names:
             return f"{self.name} has no {family} family"
         return None
@@ -253,7 +263,10 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
 TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov}
 
 
-def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, "numba")) -> list[Subject]:
+FUSED = tuple(accel.REGISTRY)  # the accelerated kernels' modes: stable only
+
+
+def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, *FUSED)) -> list[Subject]:
     """This project's kernels on every known backend and device (available or not)."""
     names = backend_names or list(backends.BACKENDS)
     out = []
@@ -264,7 +277,7 @@ def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, "numba")
             for mode in modes:
                 if b not in MODES[mode] or (mode == "numba" and d != "cpu"):
                     continue
-                out.extend(Subject(b, d, m, mode) for m in methods if not (mode == "numba" and m != "stable"))
+                out.extend(Subject(b, d, m, mode) for m in methods if not (mode in FUSED and m != "stable"))
     return out
 
 
@@ -279,7 +292,7 @@ def third_party() -> list[Subject]:
 def registry(compiled: bool = False) -> list[Subject]:
     """Every subject known (available or not); ``compiled`` adds this project's kernels under the
     caller's ``jax.jit`` and under ``torch.compile`` (compiling costs seconds per shape)."""
-    modes = tuple(MODES) if compiled else (ARRAY, "numba")
+    modes = tuple(MODES) if compiled else (ARRAY, *FUSED)
     return ours(modes=modes) + third_party()
 
 

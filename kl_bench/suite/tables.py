@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..backends import FLOAT_DTYPES
-from .subjects import ARRAY
+from .subjects import ARRAY, FUSED
 
 KINDS = ("accuracy", "timing")  # the tables of a run
 
@@ -42,11 +42,11 @@ def speed_table(df: pd.DataFrame) -> pd.DataFrame:
     ours = df[df.implementation == "kl_bench"]
     stable = ours[ours.method == "stable"].set_index(keys + ["backend", "device", "mode"])
     naive = ours[ours.method == "naive"].set_index(keys + ["backend", "device", "mode"]).seconds
-    # The textbook on a backend is this project's naive kernel there; numba fuses only the stable
-    # one, so its textbook is the array path's.
+    # The textbook on a backend is this project's naive kernel there; the fused kernels (numba,
+    # Triton) exist for the stable one only, so their textbook is the array path's.
     naive_same = naive.reindex(stable.index)
-    array_naive = naive.rename(index={ARRAY: "numba"}, level="mode").reindex(stable.index)
-    naive_same = naive_same.fillna(array_naive)
+    for fused in FUSED:
+        naive_same = naive_same.fillna(naive.rename(index={ARRAY: fused}, level="mode").reindex(stable.index))
     torch_d = df[df.implementation == "torch.distributions"].groupby(keys + ["device"]).seconds.min()
     out = pd.DataFrame({
         "stable_ms": stable.seconds * 1e3,

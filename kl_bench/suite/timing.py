@@ -286,5 +286,5 @@ def _timed_row(subject, family, dtype, batch, k, repeats) -> dict:
 
 
 def runs_compiled(subject: Subject) -> bool:
-    """Does the measured call run compiled code (JAX always; numba, jit and compile modes)?"""
-    return subject.backend == "jax" or subject.mode in ("numba", "jax.jit", "torch.compile")
+    """Does the measured call run compiled code (JAX always; the fused kernels, jit and compile modes)?"""
+    return subject.backend == "jax" or subject.mode in ("numba", "triton", "jax.jit", "torch.compile")
