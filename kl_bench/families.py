@@ -54,8 +54,8 @@ TABLE: dict[str, Family] = {f.name: f for f in (
     _family("normal", ("loc_p", LOC, 0), ("scale_p", SCALE, 0), ("loc_q", LOC, 0), ("scale_q", SCALE, 0),
             accelerated=("triton",)),
     _family("diag", ("loc_p", LOC, 1), ("logvar_p", LOGVAR, 1), ("loc_q", LOC, 1), ("logvar_q", LOGVAR, 1),
-            accelerated=("triton", "numba")),
-    _family("vae", ("loc", LOC, 1), ("logvar", LOGVAR, 1), accelerated=("triton", "numba")),
+            accelerated=("triton", "xla", "numba")),
+    _family("vae", ("loc", LOC, 1), ("logvar", LOGVAR, 1), accelerated=("triton", "xla", "numba")),
     _family("tril", ("loc_p", LOC, 1), ("tril_p", FACTOR, 2), ("loc_q", LOC, 1), ("tril_q", FACTOR, 2)),
     _family("cov", ("loc_p", LOC, 1), ("cov_p", COV, 2), ("loc_q", LOC, 1), ("cov_q", COV, 2)),
 )}

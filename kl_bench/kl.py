@@ -51,10 +51,10 @@ def _call(family, values, method, validate):
     arrays, result_dtype = _convert(be, fam.names, values)
     arrays = _broadcast(be, fam, arrays)
     traced = any(be.is_traced(x) for x in arrays)
-    if traced:  # inside the caller's jax.jit, torch.compile or torch.func transform: trace the kernel into it
-        kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
-    elif (kernel := accel.select(be, family, method, arrays)) is not None:
+    if (kernel := accel.select(be, family, method, arrays, traced)) is not None:
         kl, problems = kernel.kl(be, family, arrays, validate)
+    elif traced:  # inside the caller's jax.jit, torch.compile or torch.func transform: trace the kernel into it
+        kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     else:
         kernel = kernels.compiled(be, family, method, validate)
         along = blocks.plan(fam, arrays) if be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None

@@ -43,6 +43,7 @@ class Accelerated:
 
 REGISTRY: dict[str, Accelerated] = {k.name: k for k in (
     Accelerated("triton", ".triton_gpu", "triton"),
+    Accelerated("xla", ".xla_ffi", "numba"),
     Accelerated("numba", ".numba_cpu", "numba"),
 )}
 ARRAY = "array"
@@ -84,15 +85,16 @@ def use(kernel: str):
         _choice.reset(token)
 
 
-def select(be, family: str, method: str, arrays):
-    """The kernel module to run ``family`` on ``arrays``, or None for the array path."""
+def select(be, family: str, method: str, arrays, traced: bool = False):
+    """The kernel module to run ``family`` on ``arrays``, or None for the array path; ``traced``:
+    inside a compiler's trace, where only a kernel that says so (``TRACEABLE``) can run."""
     choice = _choice.get()
     if method != "stable" or choice == ARRAY:
         return None
     for name in families.TABLE[family].accelerated:
         if choice in ("auto", name) and REGISTRY[name].available():
             kernel = REGISTRY[name].impl()
-            if kernel.takes(be, arrays):
+            if (not traced or getattr(kernel, "TRACEABLE", False)) and kernel.takes(be, arrays):
                 return kernel
     return None
 

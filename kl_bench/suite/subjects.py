@@ -30,6 +30,7 @@ MODES = {
     ARRAY: ("numpy", "torch", "jax"),  # (JAX compiles and caches the kernel itself)
     "numba": ("numpy", "torch"),  # the fused CPU kernels of kl_bench.accel
     "triton": ("torch",),  # the fused GPU kernels of kl_bench.accel (on CPU tensors: Triton's interpreter)
+    "xla": ("jax",),  # the XLA custom call of kl_bench.accel (JAX on the CPU, also inside jax.jit)
     "jax.jit": ("jax",),  # inside the caller's jit
     "torch.compile": ("torch",),
 }
@@ -94,6 +95,12 @@ class Subject:
                 return f"numba fuses only the {' and '.join(kernel_families)} families"
             if dtype == "float64":
                 return "numba fuses float32 and half precision (float64 takes the array path)"
+        if self.mode == "xla":
+            kernel_families = families.with_kernel("xla")
+            if self.device != "cpu" or self.method != "stable":
+                return "the XLA custom call fuses the stable kernels on the CPU only"
+            if family is not None and family not in kernel_families:
+                return f"the XLA custom call fuses only the {' and '.join(kernel_families)} families"
         if self.mode == "triton":
             kernel_families = families.with_kernel("triton")
             if self.method != "stable":
@@ -275,7 +282,7 @@ def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, *FUSED))
             if b == "numpy" and d == "cuda":
                 continue
             for mode in modes:
-                if b not in MODES[mode] or (mode == "numba" and d != "cpu"):
+                if b not in MODES[mode] or (mode in ("numba", "xla") and d != "cpu"):
                     continue
                 out.extend(Subject(b, d, m, mode) for m in methods if not (mode in FUSED and m != "stable"))
     return out
