@@ -360,6 +360,23 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     return _nan_where(be, bad, kl), problems
 
 
+def derivatives(be, family, arrays):
+    """d KL / d each argument of the VAE or diagonal family, elementwise (broadcast), for the fused
+    kernels' backward passes: the derivatives of the stable forms, 0 exactly at p == q.
+    vae: loc, expm1(logvar) / 2; diag: dmu e^-lq, expm1(x) / 2 and the negatives (minus the mean
+    term dmu^2 e^-lq / 2 for logvar_q), x = logvar_p - logvar_q, dmu = loc_p - loc_q."""
+    xp = be.xp
+    if family == "vae":
+        loc, logvar = arrays
+        return [loc, 0.5 * xp.expm1(logvar)]
+    loc_p, logvar_p, loc_q, logvar_q = arrays
+    dmu = loc_p - loc_q
+    # dmu = 0 contributes 0 even where e^-logvar_q overflows (0 * inf would be NaN)
+    mean = xp.where(dmu == 0.0, 0.0, dmu * xp.exp(-xp.where(dmu == 0.0, 0.0, logvar_q)))
+    half_expm1 = 0.5 * xp.expm1(logvar_p - logvar_q)
+    return [mean, half_expm1, -mean, -(half_expm1 + (0.5 * dmu) * mean)]
+
+
 KERNELS = {"normal": kl_normal, "diag": kl_diag, "vae": kl_vae, "tril": kl_tril, "cov": kl_cov}
 
 

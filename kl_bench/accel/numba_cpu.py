@@ -64,24 +64,11 @@ def _values(be, family, arrays):
 
 
 def gradients(family, g, arrays):
-    """d KL / d each argument times ``g`` (the incoming gradient, one per batch element), in the
-    arguments' framework, broadcast as they were (the derivatives of the forms above):
-    vae:  loc, expm1(logvar) / 2;
-    diag: dmu e^-lq, expm1(x) / 2 and the negatives (minus the mean term for logvar_q),
-    x = logvar_p - logvar_q, dmu = loc_p - loc_q; 0 exactly at p == q."""
+    """d KL / d each argument times ``g`` (the incoming gradient, one per batch element), Torch
+    tensors broadcast as the arguments were (``kernels.derivatives``)."""
     g = g[..., None]
-    if family == "vae":
-        loc, logvar = arrays
-        grads = [g * loc, g * (0.5 * logvar.expm1())]
-    else:
-        loc_p, logvar_p, loc_q, logvar_q = arrays
-        dmu = loc_p - loc_q
-        mean = dmu * (-logvar_q).exp()
-        half_expm1 = 0.5 * (logvar_p - logvar_q).expm1()
-        # dmu = 0 contributes 0 even where e^-logvar_q overflows (0 * inf would be NaN)
-        mean = mean.where(dmu != 0, 0.0)
-        grads = [g * mean, g * half_expm1, -g * mean, -g * (half_expm1 + (0.5 * dmu) * mean)]
-    return [grad.sum_to_size(a.shape) for grad, a in zip(grads, arrays)]
+    derivatives = kernels.derivatives(backends.get("torch"), family, arrays)
+    return [(g * d).sum_to_size(a.shape) for d, a in zip(derivatives, arrays)]
 
 
 @functools.cache
