@@ -32,6 +32,8 @@ class Accelerated:
     name: str
     module: str  # the kernel module, relative to this package
     requires: str  # the top-level package it compiles with
+    frameworks: tuple[str, ...]  # the backends whose arrays it can take
+    traceable: bool = False  # can run inside the caller's compiler trace (jax.jit)
 
     def available(self) -> bool:
         """Is its compiler installed? Never imports it."""
@@ -42,9 +44,9 @@ class Accelerated:
 
 
 REGISTRY: dict[str, Accelerated] = {k.name: k for k in (
-    Accelerated("triton", ".triton_gpu", "triton"),
-    Accelerated("xla", ".xla_ffi", "numba"),
-    Accelerated("numba", ".numba_cpu", "numba"),
+    Accelerated("triton", ".triton_gpu", "triton", ("torch",)),
+    Accelerated("xla", ".xla_ffi", "numba", ("jax",), traceable=True),
+    Accelerated("numba", ".numba_cpu", "numba", ("numpy", "torch")),
 )}
 ARRAY = "array"
 CHOICES = ("auto", ARRAY, *REGISTRY)
@@ -87,14 +89,19 @@ def use(kernel: str):
 
 def select(be, family: str, method: str, arrays, traced: bool = False):
     """The kernel module to run ``family`` on ``arrays``, or None for the array path; ``traced``:
-    inside a compiler's trace, where only a kernel that says so (``TRACEABLE``) can run."""
-    choice = _choice.get()
-    if method != "stable" or choice == ARRAY:
+    inside a compiler's trace, where only a ``traceable`` kernel can run (and where the choice is
+    not read unless one could: torch.compile cannot trace a ContextVar)."""
+    if method != "stable":
         return None
-    for name in families.TABLE[family].accelerated:
+    names = [n for n in families.TABLE[family].accelerated
+             if be.name in REGISTRY[n].frameworks and (REGISTRY[n].traceable or not traced)]
+    if not names:
+        return None
+    choice = _choice.get()
+    for name in names:
         if choice in ("auto", name) and REGISTRY[name].available():
             kernel = REGISTRY[name].impl()
-            if (not traced or getattr(kernel, "TRACEABLE", False)) and kernel.takes(be, arrays):
+            if kernel.takes(be, arrays):
                 return kernel
     return None
 

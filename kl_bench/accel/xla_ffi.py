@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from types import SimpleNamespace
 
 from .. import backends, kernels
 
@@ -74,8 +75,6 @@ def kl(be, family, arrays, check):
     """(KL, {}): the custom call on the CPU (the array path elsewhere), differentiable."""
     return _function(family)(*arrays), {}
 
-
-TRACEABLE = True  # runs inside the caller's jax.jit (and grad, vmap)
 
 
 @functools.cache
@@ -132,16 +131,12 @@ def _horner(jit, coeffs):
 
 
 @functools.cache
-def _handlers():
-    import numba
-    import numpy as np
+def _memory():
+    """numba intrinsics for raw memory: 64- and 32-bit loads and stores at an address, pointer and
+    address conversions, a float64 from its bits."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
-
-    from .numba_cpu import _SUM_FASTMATH, _elements
-
-    _, exp32, half_phi32 = _elements()
 
     def _loader(bits):
         @intrinsic
@@ -175,12 +170,24 @@ def _handlers():
             return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
         return types.voidptr(types.int64), codegen
 
-    element = numba.njit(fastmath={"contract"})
-    phi_series, exp_series = _horner(element, _PHI_COEFFS), _horner(element, _EXP_COEFFS)
-
     @intrinsic
     def load_bits_as_float(typingctx, bits):
         return types.float64(types.int64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
+
+    return SimpleNamespace(load64=load64, load32=load32, store64=store64, store32=store32, address_of=address_of,
+                           pointer_to=pointer_to, load_bits_as_float=load_bits_as_float)
+
+
+@functools.cache
+def _elements64():
+    """The float64 element functions: exp, phi/2 on and off the series' interval, TwoSum's error,
+    the mean term."""
+    import numba
+
+    load_bits_as_float = _memory().load_bits_as_float
+    element = numba.njit(fastmath={"contract"})
+    phi_series, exp_series = _horner(element, _PHI_COEFFS), _horner(element, _EXP_COEFFS)
+
 
     @element
     def exp64(x):
@@ -226,6 +233,19 @@ def _handlers():
         term = (0.5 * dmu) * dmu * e + (0.0 if abs(logvar) <= _EXP_RANGE else math.nan)
         return 0.0 if dmu == 0.0 else term
 
+    return SimpleNamespace(inside=inside, half_phi_series=half_phi_series, half_phi_outside=half_phi_outside,
+                           rounding_error=rounding_error, half_scaled_square=half_scaled_square)
+
+
+@functools.cache
+def _rows():
+    """{name: (serial, parallel)}: the row loops, each row's sum in float64."""
+    import numba
+
+    e = _elements64()
+    inside, half_phi_series, half_phi_outside = e.inside, e.half_phi_series, e.half_phi_outside
+    rounding_error, half_scaled_square = e.rounding_error, e.half_scaled_square
+
     # Rows are read through row slices: numba's negative-index handling would turn a[i, j] loads
     # into gathers.
     def vae64(loc, logvar, out):
@@ -258,6 +278,27 @@ def _handlers():
                 total += half_scaled_square(mp[j] - mq[j], lq[j])
             out[i] = total
 
+    return _jitted({"vae64": vae64, "diag64": diag64}) | _rows32()
+
+
+def _jitted(loops):
+    import numba
+
+    from .numba_cpu import _SUM_FASTMATH
+
+    return {name: (numba.njit(fastmath=_SUM_FASTMATH)(fn), numba.njit(fastmath=_SUM_FASTMATH, parallel=True)(fn))
+            for name, fn in loops.items()}
+
+
+def _rows32():
+    """The float32 row loops: numba_cpu's elements, computed in float64."""
+    import numba
+    import numpy as np
+
+    from .numba_cpu import _elements
+
+    _, exp32, half_phi32 = _elements()
+
     def vae32(loc, logvar, out):
         for i in numba.prange(loc.shape[0]):
             m, lv = loc[i], logvar[i]
@@ -277,12 +318,16 @@ def _handlers():
                 total += half_phi32(np.float64(lp[j]) - q) + 0.5 * dmu * dmu * exp32(-q)
             out[i] = total
 
-    rows = {name: (numba.njit(fastmath=_SUM_FASTMATH)(fn), numba.njit(fastmath=_SUM_FASTMATH, parallel=True)(fn))
-            for name, fn in (("vae32", vae32), ("vae64", vae64), ("diag32", diag32), ("diag64", diag64))}
-    vae32_s, vae32_p = rows["vae32"]
-    vae64_s, vae64_p = rows["vae64"]
-    diag32_s, diag32_p = rows["diag32"]
-    diag64_s, diag64_p = rows["diag64"]
+    return _jitted({"vae32": vae32, "diag32": diag32})
+
+
+@functools.cache
+def _frame_reader():
+    """frame_arrays(frame, count): what a call frame holds, read at the offsets above."""
+    import numba
+
+    m = _memory()
+    load64, load32, store64, store32 = m.load64, m.load32, m.store64, m.store32
 
     @numba.njit
     def frame_arrays(frame, count):
@@ -317,6 +362,24 @@ def _handlers():
             data[a] = load64(load64(args + 8 * a) + BUFFER_DATA)
         out = load64(load64(load64(frame + RETS_ARRAY)) + BUFFER_DATA)
         return load32(first + BUFFER_DTYPE), rows, k, (data[0], data[1], data[2], data[3]), out
+
+    return frame_arrays
+
+
+@functools.cache
+def _handlers():
+    """{family: cfunc}: the handlers XLA calls with its call frame."""
+    import numba
+    import numpy as np
+    from numba import types
+
+    address_of, pointer_to = _memory().address_of, _memory().pointer_to
+    frame_arrays = _frame_reader()
+    rows = _rows()
+    vae32_s, vae32_p = rows["vae32"]
+    vae64_s, vae64_p = rows["vae64"]
+    diag32_s, diag32_p = rows["diag32"]
+    diag64_s, diag64_p = rows["diag64"]
 
     @numba.cfunc(types.voidptr(types.voidptr))
     def vae_handler(frame_pointer):

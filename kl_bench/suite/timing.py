@@ -202,7 +202,7 @@ def machine() -> dict:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
-    for package in ("numpy", "torch", "jax", "jaxlib", "numba", "numpyro"):
+    for package in ("numpy", "torch", "jax", "jaxlib", "numba", "numpyro", "triton"):
         try:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
