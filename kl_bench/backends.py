@@ -139,6 +139,11 @@ class Backend:
         """While tracing ``x``, can a Python branch still read its values (at a graph break)?"""
         return False
 
+    def calls_opaque_kernels_when_traced(self, x) -> bool:
+        """While tracing ``x``, can the trace call a fused kernel as one opaque operation (a custom
+        call or custom op)?"""
+        return False
+
     differentiable = False  # has grad_of_sum
     in_blocks = False  # eager arrays whose array path runs in blocks (kl_bench.blocks)
 
@@ -284,6 +289,11 @@ class TorchBackend(Backend):
         # fullgraph=True, hence validate=False there); a torch.func transform cannot
         return self.torch.compiler.is_compiling()
 
+    def calls_opaque_kernels_when_traced(self, x):
+        # torch.compile, through the custom op of accel/torch_op.py; a torch.func transform would
+        # need batching rules for it
+        return self.torch.compiler.is_compiling()
+
     @lazy
     def _dtype_names(self):
         return {getattr(self.torch, name): name for name in FLOAT_DTYPES}
@@ -356,6 +366,9 @@ class JaxBackend(Backend):
 
     def is_traced(self, x):
         return isinstance(x, self.jax.core.Tracer)
+
+    def calls_opaque_kernels_when_traced(self, x):
+        return True  # the XLA custom call, with its own jvp and batching
 
     differentiable = True
 

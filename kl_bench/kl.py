@@ -52,7 +52,7 @@ def _call(family, values, method, validate):
     arrays = _broadcast(be, fam, arrays)
     traced = any(be.is_traced(x) for x in arrays)
     if (kernel := accel.select(be, family, method, arrays, traced)) is not None:
-        kl, problems = kernel.kl(be, family, arrays, validate)
+        kl, problems = accel.run(kernel, be, family, arrays, validate)
     elif traced:  # inside the caller's jax.jit, torch.compile or torch.func transform: trace the kernel into it
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     else:

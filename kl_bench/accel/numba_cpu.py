@@ -23,13 +23,13 @@ import math
 import numpy as np
 
 from .. import backends, kernels
-from . import autograd_function
+from .torch_autograd import autograd_function
 
 DTYPE = "float32"  # the compute dtype; half precision arrives as float32
 _PARALLEL_MIN = 1 << 15  # elements below which one thread beats starting the pool
 
 
-def takes(be, arrays) -> bool:
+def takes(be, arrays, named=False) -> bool:
     if be.name == "torch":
         return all(a.device.type == "cpu" for a in arrays) and be.dtype_name(arrays[0].dtype) == DTYPE
     return be.name == "numpy" and arrays[0].dtype == np.float32

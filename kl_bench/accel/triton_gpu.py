@@ -21,19 +21,19 @@ import functools
 import math
 import os
 
-from . import autograd_function
+from .torch_autograd import autograd_function
 
 DTYPES = ("float32", "float64")  # compute dtypes (half precision arrives as float32)
 _TILE = 4096  # elements a program handles per loop step (rows x columns)
 
 
-def takes(be, arrays) -> bool:
-    from . import chosen
-
+def takes(be, arrays, named=False) -> bool:
+    """CUDA tensors; CPU tensors only under the interpreter and when Triton was ``named`` (chosen
+    by name rather than by ``auto``)."""
     if be.name != "torch" or be.dtype_name(arrays[0].dtype) not in DTYPES:
         return False
     kinds = {a.device.type for a in arrays}
-    interpreted = kinds == {"cpu"} and os.environ.get("TRITON_INTERPRET") == "1" and chosen() == "triton"
+    interpreted = kinds == {"cpu"} and os.environ.get("TRITON_INTERPRET") == "1" and named
     return kinds == {"cuda"} or interpreted
 
 

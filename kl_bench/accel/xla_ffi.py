@@ -67,7 +67,7 @@ def available() -> bool:
     return _registered()
 
 
-def takes(be, arrays) -> bool:
+def takes(be, arrays, named=False) -> bool:
     return be.name == "jax" and be.dtype_name(arrays[0].dtype) in DTYPES and available()
 
 
