@@ -24,9 +24,9 @@ def _args(family, dtype, shape=(5, 7)):
 def test_a_jitted_call_compiles_to_the_custom_call(family):
     f = getattr(kl_bench, f"kl_{family}")
     hlo = jax.jit(lambda *a: f(*a)).lower(*_args(family, "float32")).as_text()
-    assert xla_ffi.TARGETS[family] in hlo
+    assert xla_ffi.target(family, "float32") in hlo
     with accel.use("array"):  # the choice in force when the function is traced (jax.jit caches traces per function)
-        assert xla_ffi.TARGETS[family] not in jax.jit(lambda *a: f(*a)).lower(*_args(family, "float32")).as_text()
+        assert xla_ffi.target(family, "float32") not in jax.jit(lambda *a: f(*a)).lower(*_args(family, "float32")).as_text()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -60,7 +60,7 @@ def test_jax_export_with_the_custom_call_allowed_or_the_array_path():
 
     args = _args("vae", "float32")
     want = np.asarray(kl_bench.kl_vae(*args))
-    allowed = [export.DisabledSafetyCheck.custom_call(xla_ffi.TARGETS["vae"])]
+    allowed = [export.DisabledSafetyCheck.custom_call(xla_ffi.target("vae", "float32"))]
     exported = export.export(jax.jit(lambda *a: kl_bench.kl_vae(*a)), disabled_checks=allowed)(*args)
     np.testing.assert_allclose(np.asarray(exported.call(*args)), want, rtol=1e-6)
     with pytest.raises(ValueError, match="custom call"):

@@ -5,8 +5,8 @@ CPU").
 The handler is a numba ``@cfunc`` that XLA calls with its FFI call frame (``XLA_FFI_CallFrame``
 of ``xla/ffi/api/c_api.h``, API 0.x); no C compiler is involved. It reads the frame at the offsets
 below, answers the metadata query that registration sends, and in the execute stage computes each
-row in float64 and stores it rounded once to the input dtype. float32 rows use the fused elements
-of ``numba_cpu.py``; float64 rows the series of ``kernels.half_phi`` on (-1, 2) and an exp
+row in float64 and stores it rounded once to the input dtype. float32 rows use the row loops of
+``numba_cpu.py``; float64 rows the series of ``kernels.half_phi`` on (-1, 2) and an exp
 accurate to float64 outside, selected per element so that LLVM vectorises both.
 
 A row whose float64 sum is not finite (NaN or an infinite input, or an exponent beyond the range
@@ -14,8 +14,8 @@ handled here) is recomputed by the array path, so special values behave exactly 
 gradient is the pure-JAX derivative (``jax.custom_jvp``); ``vmap`` broadcasts the arguments
 (``vmap_method="broadcast_all"``); on other platforms ``jax.lax.platform_dependent`` takes the
 array path. ``jax.export`` needs the custom call allowed
-(``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(name)]`` for the names in
-``TARGETS``), or the array path (``kl_bench.accel.use("array")`` while exporting).
+(``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(name)]``, names from
+``target(family, dtype)``), or the array path (``kl_bench.accel.use("array")`` while exporting).
 
 Everything is guarded: a jaxlib without ``jax.ffi``, a frame whose struct sizes differ from the
 layout below, or a registration that fails leaves the array path in place.
@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from types import SimpleNamespace
 
 from .. import backends, kernels
 
-TARGETS = {"vae": "kl_bench_vae", "diag": "kl_bench_diag"}
+FAMILIES = ("vae", "diag")
 DTYPES = ("float32", "float64")
 
 # XLA_FFI_CallFrame on a 64-bit platform: struct_size, extension_start, api, ctx, stage (+pad),
@@ -59,12 +60,18 @@ _EXP_RANGE = 700.0  # |x| beyond which the exp below is not used (its 2^n would 
 _PARALLEL_MIN = 1 << 16  # elements below which one thread beats starting numba's pool
 
 
+def target(family: str, dtype: str) -> str:
+    """The custom call's name for ``family`` in ``dtype``."""
+    return f"kl_bench_{family}_{dtype}"
+
+
+@functools.cache
 def available() -> bool:
     try:
         import jax.ffi  # noqa: F401
     except ImportError:
         return False
-    return _registered()
+    return True
 
 
 def takes(be, arrays, named=False) -> bool:
@@ -86,10 +93,12 @@ def _function(family):
     array_path = functools.partial(kernels.KERNELS[family], be, method="stable", check=False)
 
     def fused(*arrays):
+        if not _registered(family, be.dtype_name(arrays[0].dtype)):
+            return array_path(*arrays)[0]
         shape = jnp.broadcast_shapes(*(a.shape for a in arrays))
         arrays = [jnp.broadcast_to(a, shape) for a in arrays]
         out_type = jax.ShapeDtypeStruct(shape[:-1], arrays[0].dtype)
-        out = jax.ffi.ffi_call(TARGETS[family], out_type, vmap_method="broadcast_all")(*arrays)
+        out = jax.ffi.ffi_call(target(family, be.dtype_name(arrays[0].dtype)), out_type, vmap_method="broadcast_all")(*arrays)
         # rows that held NaN or infinity (or exponents out of range) come out non-finite: redo them
         return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, lambda: jnp.where(jnp.isfinite(out), out, array_path(*arrays)[0]))
 
@@ -107,14 +116,15 @@ def _function(family):
 
 
 @functools.cache
-def _registered() -> bool:
-    """Compile the handlers and register them with XLA, once; False where that fails."""
+def _registered(family, dtype) -> bool:
+    """Compile the handler and register it with XLA, once; False where that fails."""
     try:
         import jax
 
-        for family, handler in _handlers().items():
-            jax.ffi.register_ffi_target(TARGETS[family], jax.ffi.pycapsule(handler.address), platform="cpu", api_version=1)
-    except Exception:  # an XLA or numba without what this needs: the array path stays
+        jax.ffi.register_ffi_target(target(family, dtype), jax.ffi.pycapsule(_handler(family, dtype).address), platform="cpu", api_version=1)
+    except Exception as exc:  # an XLA or numba without what this needs: the array path stays
+        warnings.warn(f"kl_bench: the XLA custom call for {family} in {dtype} could not be set up ({exc}); "
+                      "the array path runs instead", RuntimeWarning, stacklevel=2)
         return False
     return True
 
@@ -278,7 +288,11 @@ def _rows():
                 total += half_scaled_square(mp[j] - mq[j], lq[j])
             out[i] = total
 
-    return _jitted({"vae64": vae64, "diag64": diag64}) | _rows32()
+    from . import numba_cpu
+
+    float32 = numba_cpu._kernels()  # numba_cpu's own row loops, float64 inside
+    return _jitted({"vae64": vae64, "diag64": diag64}) | {
+        f"{family}32": (float32[family, False], float32[family, True]) for family in ("vae", "diag")}
 
 
 def _jitted(loops):
@@ -288,37 +302,6 @@ def _jitted(loops):
 
     return {name: (numba.njit(fastmath=_SUM_FASTMATH)(fn), numba.njit(fastmath=_SUM_FASTMATH, parallel=True)(fn))
             for name, fn in loops.items()}
-
-
-def _rows32():
-    """The float32 row loops: numba_cpu's elements, computed in float64."""
-    import numba
-    import numpy as np
-
-    from .numba_cpu import _elements
-
-    _, exp32, half_phi32 = _elements()
-
-    def vae32(loc, logvar, out):
-        for i in numba.prange(loc.shape[0]):
-            m, lv = loc[i], logvar[i]
-            total = 0.0
-            for j in range(m.shape[0]):
-                mj = np.float64(m[j])
-                total += half_phi32(np.float64(lv[j])) + 0.5 * mj * mj
-            out[i] = total
-
-    def diag32(loc_p, logvar_p, loc_q, logvar_q, out):
-        for i in numba.prange(loc_p.shape[0]):
-            mp, lp, mq, lq = loc_p[i], logvar_p[i], loc_q[i], logvar_q[i]
-            total = 0.0
-            for j in range(mp.shape[0]):
-                dmu = np.float64(mp[j]) - np.float64(mq[j])  # exact in float64
-                q = np.float64(lq[j])
-                total += half_phi32(np.float64(lp[j]) - q) + 0.5 * dmu * dmu * exp32(-q)
-            out[i] = total
-
-    return _jitted({"vae32": vae32, "diag32": diag32})
 
 
 @functools.cache
@@ -367,50 +350,59 @@ def _frame_reader():
 
 
 @functools.cache
-def _handlers():
-    """{family: cfunc}: the handlers XLA calls with its call frame."""
+def _handler(family, dtype):
+    """The cfunc that XLA calls with its call frame for ``family`` in ``dtype`` (each compiled only
+    when first needed: the float64 loops take seconds)."""
     import numba
     import numpy as np
     from numba import types
 
     address_of, pointer_to = _memory().address_of, _memory().pointer_to
     frame_arrays = _frame_reader()
-    rows = _rows()
-    vae32_s, vae32_p = rows["vae32"]
-    vae64_s, vae64_p = rows["vae64"]
-    diag32_s, diag32_p = rows["diag32"]
-    diag64_s, diag64_p = rows["diag64"]
+    serial, parallel = _rows()[family + ("32" if dtype == "float32" else "64")]
+    np_dtype, code = (np.float32, F32) if dtype == "float32" else (np.float64, F64)
 
-    @numba.cfunc(types.voidptr(types.voidptr))
-    def vae_handler(frame_pointer):
-        dtype, rows, k, data, out = frame_arrays(address_of(frame_pointer), 2)
-        parallel = rows > 1 and rows * k >= _PARALLEL_MIN
-        if dtype == F32:
-            loc, logvar = numba.carray(pointer_to(data[0]), (rows, k), np.float32), numba.carray(pointer_to(data[1]), (rows, k), np.float32)
-            result = np.empty(rows)
-            vae32_p(loc, logvar, result) if parallel else vae32_s(loc, logvar, result)
-            numba.carray(pointer_to(out), rows, np.float32)[:] = result
-        elif dtype == F64:
-            loc, logvar = numba.carray(pointer_to(data[0]), (rows, k), np.float64), numba.carray(pointer_to(data[1]), (rows, k), np.float64)
-            result = numba.carray(pointer_to(out), rows, np.float64)
-            vae64_p(loc, logvar, result) if parallel else vae64_s(loc, logvar, result)
-        return pointer_to(0)
+    @numba.njit
+    def frame(frame_pointer, count):
+        """(rows, k, data addresses, output address), rows -1 for a frame of another kind (a
+        metadata query, another dtype)."""
+        found, rows, k, data, out = frame_arrays(address_of(frame_pointer), count)
+        return (rows if found == code else -1), k, data, out
 
-    @numba.cfunc(types.voidptr(types.voidptr))
-    def diag_handler(frame_pointer):
-        dtype, rows, k, data, out = frame_arrays(address_of(frame_pointer), 4)
-        parallel = rows > 1 and rows * k >= _PARALLEL_MIN
-        if dtype == F32:
-            a, b = numba.carray(pointer_to(data[0]), (rows, k), np.float32), numba.carray(pointer_to(data[1]), (rows, k), np.float32)
-            c, d = numba.carray(pointer_to(data[2]), (rows, k), np.float32), numba.carray(pointer_to(data[3]), (rows, k), np.float32)
-            result = np.empty(rows)
-            diag32_p(a, b, c, d, result) if parallel else diag32_s(a, b, c, d, result)
-            numba.carray(pointer_to(out), rows, np.float32)[:] = result
-        elif dtype == F64:
-            a, b = numba.carray(pointer_to(data[0]), (rows, k), np.float64), numba.carray(pointer_to(data[1]), (rows, k), np.float64)
-            c, d = numba.carray(pointer_to(data[2]), (rows, k), np.float64), numba.carray(pointer_to(data[3]), (rows, k), np.float64)
-            result = numba.carray(pointer_to(out), rows, np.float64)
-            diag64_p(a, b, c, d, result) if parallel else diag64_s(a, b, c, d, result)
-        return pointer_to(0)
+    @numba.njit
+    def argument(data, i, rows, k):
+        return numba.carray(pointer_to(data[i]), (rows, k), np_dtype)
 
-    return {"vae": vae_handler, "diag": diag_handler}
+    @numba.njit
+    def store(out, result):  # rounded once to the dtype
+        numba.carray(pointer_to(out), result.shape[0], np_dtype)[:] = result
+
+    if family == "vae":
+        @numba.cfunc(types.voidptr(types.voidptr))
+        def handler(frame_pointer):
+            rows, k, data, out = frame(frame_pointer, 2)
+            if rows >= 0:
+                result = np.empty(rows)
+                a, b = argument(data, 0, rows, k), argument(data, 1, rows, k)
+                if rows > 1 and rows * k >= _PARALLEL_MIN:
+                    parallel(a, b, result)
+                else:
+                    serial(a, b, result)
+                store(out, result)
+            return pointer_to(0)
+    else:
+        @numba.cfunc(types.voidptr(types.voidptr))
+        def handler(frame_pointer):
+            rows, k, data, out = frame(frame_pointer, 4)
+            if rows >= 0:
+                result = np.empty(rows)
+                a, b = argument(data, 0, rows, k), argument(data, 1, rows, k)
+                c, d = argument(data, 2, rows, k), argument(data, 3, rows, k)
+                if rows > 1 and rows * k >= _PARALLEL_MIN:
+                    parallel(a, b, c, d, result)
+                else:
+                    serial(a, b, c, d, result)
+                store(out, result)
+            return pointer_to(0)
+
+    return handler
