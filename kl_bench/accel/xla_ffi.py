@@ -5,8 +5,9 @@ CPU").
 The handler is a numba ``@cfunc`` that XLA calls with its FFI call frame (``XLA_FFI_CallFrame``
 of ``xla/ffi/api/c_api.h``, API 0.x); no C compiler is involved. It reads the frame at the offsets
 below, answers the metadata query that registration sends, and in the execute stage computes each
-row in float64 and stores it rounded once to the input dtype. float32 rows use the row loops of
-``numba_cpu.py``; float64 rows the series of ``kernels.half_phi`` on (-1, 2) and an exp
+row in float64 and stores it rounded once to the input dtype. float32 rows use the fused elements
+of ``numba_cpu.py`` (in loops of their own: numba_cpu's row loops, called from the handler,
+made a small call several times slower); float64 rows the series of ``kernels.half_phi`` on (-1, 2) and an exp
 accurate to float64 outside, selected per element so that LLVM vectorises both.
 
 A row whose float64 sum is not finite (NaN or an infinite input, or an exponent beyond the range
@@ -288,11 +289,7 @@ def _rows():
                 total += half_scaled_square(mp[j] - mq[j], lq[j])
             out[i] = total
 
-    from . import numba_cpu
-
-    float32 = numba_cpu._kernels()  # numba_cpu's own row loops, float64 inside
-    return _jitted({"vae64": vae64, "diag64": diag64}) | {
-        f"{family}32": (float32[family, False], float32[family, True]) for family in ("vae", "diag")}
+    return _jitted({"vae64": vae64, "diag64": diag64}) | _rows32()
 
 
 def _jitted(loops):
@@ -302,6 +299,37 @@ def _jitted(loops):
 
     return {name: (numba.njit(fastmath=_SUM_FASTMATH)(fn), numba.njit(fastmath=_SUM_FASTMATH, parallel=True)(fn))
             for name, fn in loops.items()}
+
+
+def _rows32():
+    """The float32 row loops: numba_cpu's elements, computed in float64."""
+    import numba
+    import numpy as np
+
+    from .numba_cpu import _elements
+
+    _, exp32, half_phi32 = _elements()
+
+    def vae32(loc, logvar, out):
+        for i in numba.prange(loc.shape[0]):
+            m, lv = loc[i], logvar[i]
+            total = 0.0
+            for j in range(m.shape[0]):
+                mj = np.float64(m[j])
+                total += half_phi32(np.float64(lv[j])) + 0.5 * mj * mj
+            out[i] = total
+
+    def diag32(loc_p, logvar_p, loc_q, logvar_q, out):
+        for i in numba.prange(loc_p.shape[0]):
+            mp, lp, mq, lq = loc_p[i], logvar_p[i], loc_q[i], logvar_q[i]
+            total = 0.0
+            for j in range(mp.shape[0]):
+                dmu = np.float64(mp[j]) - np.float64(mq[j])  # exact in float64
+                q = np.float64(lq[j])
+                total += half_phi32(np.float64(lp[j]) - q) + 0.5 * dmu * dmu * exp32(-q)
+            out[i] = total
+
+    return _jitted({"vae32": vae32, "diag32": diag32})
 
 
 @functools.cache
