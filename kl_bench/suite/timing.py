@@ -240,8 +240,10 @@ def default_dtypes(family: str) -> tuple[str, ...]:
 
 def timed(subject: Subject) -> bool:
     """Whether timing compares this subject: all but torch.distributions' LowRank form of the
-    diagonal families (the same KL as Independent Normal, by a k x k route)."""
-    return not (subject.implementation == "torch.distributions" and subject.method == "LowRank")
+    diagonal families (the same KL as Independent Normal, by a k x k route) and the Triton kernels
+    on CPU tensors (Triton's interpreter, a correctness tool)."""
+    lowrank = subject.implementation == "torch.distributions" and subject.method == "LowRank"
+    return not lowrank and not (subject.mode == "triton" and subject.device == "cpu")
 
 
 def default_subjects(backend_names=None, compiled=True) -> list[Subject]:
