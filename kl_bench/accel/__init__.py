@@ -31,17 +31,14 @@ from .. import families
 @dataclass(frozen=True)
 class Accelerated:
     name: str
-    load: Callable  # imports and returns the kernel module (an import statement: torch.compile traces it)
+    impl: Callable  # imports and returns the kernel module (an import statement: torch.compile traces it)
     requires: str  # the top-level package it compiles with
     frameworks: tuple[str, ...]  # the backends whose arrays it can take
-    traceable: bool = False  # can run inside the caller's compiler trace (jax.jit; torch.compile through torch_op.py)
+    devices: tuple[str, ...]  # where those arrays live (Triton on CPU tensors: its interpreter)
 
     def available(self) -> bool:
         """Is its compiler installed? Never imports it (looked up once, at import)."""
         return _INSTALLED[self.requires]
-
-    def impl(self):
-        return self.load()
 
 
 def _triton():
@@ -63,9 +60,9 @@ def _numba():
 
 
 REGISTRY: dict[str, Accelerated] = {k.name: k for k in (
-    Accelerated("triton", _triton, "triton", ("torch",), traceable=True),
-    Accelerated("xla", _xla, "numba", ("jax",), traceable=True),
-    Accelerated("numba", _numba, "numba", ("numpy", "torch"), traceable=True),
+    Accelerated("triton", _triton, "triton", ("torch",), ("cuda", "cpu")),
+    Accelerated("xla", _xla, "numba", ("jax",), ("cpu",)),
+    Accelerated("numba", _numba, "numba", ("numpy", "torch"), ("cpu",)),
 )}
 ARRAY = "array"
 CHOICES = ("auto", ARRAY, *REGISTRY)
@@ -83,11 +80,6 @@ _FROM_ENVIRONMENT = _checked(os.environ.get("KL_BENCH_KERNEL", "auto"), "KL_BENC
 _choice = contextvars.ContextVar("kl_bench_kernel", default=_FROM_ENVIRONMENT)
 
 
-def chosen() -> str:
-    """The choice in force here (``use`` or ``KL_BENCH_KERNEL``)."""
-    return _choice.get()
-
-
 @contextlib.contextmanager
 def use(kernel: str):
     """Within the block, choose ``kernel``: one of ``CHOICES``."""
@@ -100,13 +92,12 @@ def use(kernel: str):
 
 def select(be, family: str, method: str, arrays, traced: bool = False):
     """The kernel module to run ``family`` on ``arrays``, or None for the array path. ``traced``:
-    inside a compiler's trace, where a ``traceable`` kernel runs as one opaque operation if the
-    backend's tracer allows it (``jax.jit``, ``torch.compile``; not ``torch.func`` transforms).
+    inside a compiler's trace, where a kernel runs as one opaque operation if the backend's tracer
+    allows it (``jax.jit``, ``torch.compile``; not ``torch.func`` transforms).
     ``torch.compile`` cannot trace a ContextVar: there the environment's choice applies."""
     if method != "stable" or (traced and not be.calls_opaque_kernels_when_traced(arrays[0])):
         return None
-    names = [n for n in families.TABLE[family].accelerated
-             if be.name in REGISTRY[n].frameworks and (REGISTRY[n].traceable or not traced)]
+    names = [n for n in families.TABLE[family].accelerated if be.name in REGISTRY[n].frameworks]
     if not names:
         return None
     choice = _FROM_ENVIRONMENT if traced and be.name == "torch" else _choice.get()

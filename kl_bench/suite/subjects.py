@@ -34,6 +34,7 @@ MODES = {
     "jax.jit": ("jax",),  # inside the caller's jit
     "torch.compile": ("torch",),
 }
+FUSED_LABELS = {"numba": "numba", "xla": "the XLA custom call", "triton": "Triton"}  # the fused modes, in skip reasons
 
 
 @dataclass(frozen=True)
@@ -85,30 +86,21 @@ class Subject:
         return None
 
     def _accelerated_unavailable(self, family, dtype):
-        if not accel.REGISTRY[self.mode].available():
-            return f"{accel.REGISTRY[self.mode].requires} is not installed"
-        if self.mode == "numba":
-            kernel_families = families.with_kernel("numba")
-            if self.device != "cpu" or self.method != "stable":
-                return "numba fuses the stable kernels on the CPU only"
-            if family is not None and family not in kernel_families:
-                return f"numba fuses only the {' and '.join(kernel_families)} families"
-            if dtype == "float64":
-                return "numba fuses float32 and half precision (float64 takes the array path)"
-        if self.mode == "xla":
-            kernel_families = families.with_kernel("xla")
-            if self.device != "cpu" or self.method != "stable":
-                return "the XLA custom call fuses the stable kernels on the CPU only"
-            if family is not None and family not in kernel_families:
-                return f"the XLA custom call fuses only the {' and '.join(kernel_families)} families"
-        if self.mode == "triton":
-            kernel_families = families.with_kernel("triton")
-            if self.method != "stable":
-                return "Triton fuses the stable kernels only"
-            if self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-                return "Triton runs on CUDA tensors, and on CPU ones only under TRITON_INTERPRET=1"
-            if family is not None and family not in kernel_families:
-                return f"Triton fuses only the {', '.join(kernel_families)} families"
+        kernel = accel.REGISTRY[self.mode]
+        label = FUSED_LABELS[self.mode]
+        if not kernel.available():
+            return f"{kernel.requires} is not installed"
+        if self.method != "stable":
+            return f"{label} fuses the stable kernels only"
+        if self.device not in kernel.devices:
+            return f"{label} runs on the {' and '.join(d.upper() for d in kernel.devices)} only"
+        if self.mode == "triton" and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CUDA tensors, and on CPU ones only under TRITON_INTERPRET=1"
+        kernel_families = families.with_kernel(self.mode)
+        if family is not None and family not in kernel_families:
+            return f"{label} fuses only the {', '.join(kernel_families)} families"
+        if self.mode == "numba" and dtype == "float64":
+            return "numba fuses float32 and half precision (float64 takes the array path)"
         if family is not None and family not in self.family_names:
             return f"{self.name} has no {family} family"
         return None
@@ -282,7 +274,7 @@ def ours(methods=("stable", "naive"), backend_names=None, modes=(ARRAY, *FUSED))
             if b == "numpy" and d == "cuda":
                 continue
             for mode in modes:
-                if b not in MODES[mode] or (mode in ("numba", "xla") and d != "cpu"):
+                if b not in MODES[mode] or (mode in FUSED and d not in accel.REGISTRY[mode].devices):
                     continue
                 out.extend(Subject(b, d, m, mode) for m in methods if not (mode in FUSED and m != "stable"))
     return out
