@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from .. import backends, kernels
-from .torch_autograd import autograd_function
+from .torch_autograd import autograd_function, gradients_from_derivatives
 
 DTYPE = "float32"  # the compute dtype; half precision arrives as float32
 _PARALLEL_MIN = 1 << 15  # elements below which one thread beats starting the pool
@@ -63,18 +63,9 @@ def _values(be, family, arrays):
     return out if be.name == "numpy" else be.torch.from_numpy(out)
 
 
-def gradients(family, g, arrays):
-    """d KL / d each argument times ``g`` (the incoming gradient, one per batch element), Torch
-    tensors broadcast as the arguments were (``kernels.derivatives``)."""
-    g = g[..., None]
-    derivatives = kernels.derivatives(backends.get("torch"), family, arrays)
-    return [(g * d).sum_to_size(a.shape) for d, a in zip(derivatives, arrays)]
-
-
 @functools.cache
 def _function():
-    return autograd_function(lambda family, arrays: _values(backends.get("torch"), family, arrays),
-                             lambda family, g, arrays: gradients(family, g.to(arrays[0].dtype), arrays))
+    return autograd_function(lambda family, arrays: _values(backends.get("torch"), family, arrays), gradients_from_derivatives)
 
 
 # e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln(2) / 2, and e^r = 1 + r + r^2 q(r), where

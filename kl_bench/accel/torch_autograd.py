@@ -1,6 +1,16 @@
-"""The Torch autograd wrapper of the fused kernels (numba, Triton)."""
+"""The Torch autograd side of the fused kernels (numba, Triton, the torch.compile custom op)."""
 
 from __future__ import annotations
+
+from .. import backends, kernels
+
+
+def gradients_from_derivatives(family, g, arrays):
+    """d KL / d each argument times ``g`` (the incoming gradient, one per batch element), from
+    ``kernels.derivatives`` in Torch ops, reduced to each argument's shape."""
+    g = g[..., None].to(arrays[0].dtype)
+    derivatives = kernels.derivatives(backends.get("torch"), family, arrays)
+    return [(g * d).sum_to_size(a.shape) for d, a in zip(derivatives, arrays)]
 
 
 def autograd_function(values, gradients):

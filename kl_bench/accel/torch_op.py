@@ -1,9 +1,10 @@
 """The fused Torch kernels (numba on the CPU, Triton on CUDA) as one ``torch.library`` custom op,
 ``kl_bench::fused``, so that ``torch.compile`` calls them as a single opaque node instead of
 tracing the array path (which Inductor turns into code that evaluates every branch of phi). Its
-fake implementation gives the output's shape and dtype; its backward is ``kernels.derivatives``,
-which Inductor compiles. Imported only from inside such a trace (with Torch present), and
-defined at import, which torch.compile runs outside its trace.
+fake implementation gives the output's shape and dtype; its backward is
+``torch_autograd.gradients_from_derivatives``, Torch ops that Inductor compiles. Imported only from
+inside such a trace (with Torch present), and defined at import, which torch.compile runs outside
+its trace.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends, kernels
+from .torch_autograd import gradients_from_derivatives
 
 
 def kl(kernel, be, family, arrays, check):
@@ -42,10 +44,7 @@ def _define():
         ctx.save_for_backward(*inputs[2])
 
     def backward(ctx, g):
-        arrays = ctx.saved_tensors
-        derivatives = kernels.derivatives(backends.get("torch"), ctx.family, arrays)
-        g = g[..., None].to(arrays[0].dtype)
-        return None, None, [(g * d).sum_to_size(a.shape) for d, a in zip(derivatives, arrays)]
+        return None, None, gradients_from_derivatives(ctx.family, g, ctx.saved_tensors)
 
     fused.register_autograd(backward, setup_context=setup_context)
     return fused
