@@ -85,16 +85,27 @@ _ELEMENT_FASTMATH = {"contract"}
 
 
 @functools.cache
-def _elements():
-    """The jitted element functions (prefer_wide_vectors, exp, half_phi), made on first use."""
-    import numba
+def float_from_bits():
+    """A numba intrinsic: the float64 whose bits are the given int64 (2^n as (n + 1023) << 52)."""
     from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
 
     @intrinsic
-    def _float_from_bits(typingctx, bits):
+    def from_bits(typingctx, bits):
         return types.float64(types.int64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
+
+    return from_bits
+
+
+@functools.cache
+def _elements():
+    """The jitted element functions (prefer_wide_vectors, exp, half_phi), made on first use."""
+    import numba
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    _float_from_bits = float_from_bits()
 
     def _widen(context, builder, sig, args):
         # LLVM tunes recent Intel CPUs to 256-bit vectors by default; this compute-bound loop runs

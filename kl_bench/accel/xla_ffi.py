@@ -30,8 +30,8 @@ import warnings
 from types import SimpleNamespace
 
 from .. import backends, kernels
+from .numba_cpu import _ELEMENT_FASTMATH, _LN2_HI, _LN2_LO, _LOG2E, _SUM_FASTMATH, _elements, float_from_bits
 
-FAMILIES = ("vae", "diag")
 DTYPES = ("float32", "float64")
 
 # XLA_FFI_CallFrame on a 64-bit platform: struct_size, extension_start, api, ctx, stage (+pad),
@@ -54,9 +54,6 @@ _TRAITS = 32
 
 _PHI_COEFFS = tuple(kernels.HALF_PHI_COEFFS["float64"])
 _EXP_COEFFS = tuple(1.0 / math.factorial(k) for k in range(2, 15))  # r^15/15! < 1e-19 for |r| <= ln2/2
-_LOG2E = 1.0 / math.log(2.0)
-_LN2_HI = 0.6931471803691238  # ln 2 with its last 32 bits zero: n * _LN2_HI is exact
-_LN2_LO = 1.9082149292705877e-10
 _EXP_RANGE = 700.0  # |x| beyond which the exp below is not used (its 2^n would leave the exponent range)
 _PARALLEL_MIN = 1 << 16  # elements below which one thread beats starting numba's pool
 
@@ -84,7 +81,6 @@ def kl(be, family, arrays, check):
     return _function(family)(*arrays), {}
 
 
-
 @functools.cache
 def _function(family):
     import jax
@@ -94,12 +90,13 @@ def _function(family):
     array_path = functools.partial(kernels.KERNELS[family], be, method="stable", check=False)
 
     def fused(*arrays):
-        if not _registered(family, be.dtype_name(arrays[0].dtype)):
+        dtype = be.dtype_name(arrays[0].dtype)
+        if not _registered(family, dtype):
             return array_path(*arrays)[0]
         shape = jnp.broadcast_shapes(*(a.shape for a in arrays))
         arrays = [jnp.broadcast_to(a, shape) for a in arrays]
         out_type = jax.ShapeDtypeStruct(shape[:-1], arrays[0].dtype)
-        out = jax.ffi.ffi_call(target(family, be.dtype_name(arrays[0].dtype)), out_type, vmap_method="broadcast_all")(*arrays)
+        out = jax.ffi.ffi_call(target(family, dtype), out_type, vmap_method="broadcast_all")(*arrays)
         # rows that held NaN or infinity (or exponents out of range) come out non-finite: redo them
         return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, lambda: jnp.where(jnp.isfinite(out), out, array_path(*arrays)[0]))
 
@@ -144,7 +141,7 @@ def _horner(jit, coeffs):
 @functools.cache
 def _memory():
     """numba intrinsics for raw memory: 64- and 32-bit loads and stores at an address, pointer and
-    address conversions, a float64 from its bits."""
+    address conversions."""
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
@@ -181,12 +178,8 @@ def _memory():
             return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
         return types.voidptr(types.int64), codegen
 
-    @intrinsic
-    def load_bits_as_float(typingctx, bits):
-        return types.float64(types.int64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
-
     return SimpleNamespace(load64=load64, load32=load32, store64=store64, store32=store32, address_of=address_of,
-                           pointer_to=pointer_to, load_bits_as_float=load_bits_as_float)
+                           pointer_to=pointer_to)
 
 
 @functools.cache
@@ -195,10 +188,9 @@ def _elements64():
     the mean term."""
     import numba
 
-    load_bits_as_float = _memory().load_bits_as_float
-    element = numba.njit(fastmath={"contract"})
+    load_bits_as_float = float_from_bits()
+    element = numba.njit(fastmath=_ELEMENT_FASTMATH)
     phi_series, exp_series = _horner(element, _PHI_COEFFS), _horner(element, _EXP_COEFFS)
-
 
     @element
     def exp64(x):
@@ -295,8 +287,6 @@ def _rows():
 def _jitted(loops):
     import numba
 
-    from .numba_cpu import _SUM_FASTMATH
-
     return {name: (numba.njit(fastmath=_SUM_FASTMATH)(fn), numba.njit(fastmath=_SUM_FASTMATH, parallel=True)(fn))
             for name, fn in loops.items()}
 
@@ -305,8 +295,6 @@ def _rows32():
     """The float32 row loops: numba_cpu's elements, computed in float64."""
     import numba
     import numpy as np
-
-    from .numba_cpu import _elements
 
     _, exp32, half_phi32 = _elements()
 
