@@ -60,50 +60,47 @@ def _prepared(family, arrays):
     return flat, shape, (math.prod(shape[:-1]), shape[-1])
 
 
-def _power_of_2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _blocks(rows, k):
-    """(BLOCK_R, BLOCK_K): a row of up to _TILE columns per step, several short rows per program."""
-    block_k = min(_power_of_2(k), _TILE)
-    return max(1, min(_TILE // block_k, _power_of_2(rows))), block_k
+    """(BLOCK_R, BLOCK_K): a row of up to _TILE columns per step, several short rows per program
+    (the univariate family's one row: BLOCK_K elements a program)."""
+    from triton import next_power_of_2
 
-
-def _cdiv(a, b):
-    return -(-a // b)
+    block_k = min(next_power_of_2(k), _TILE)
+    return max(1, min(_TILE // block_k, next_power_of_2(rows))), block_k
 
 
 def _values(family, arrays):
     import torch
+    from triton import cdiv
 
     flat, shape, (rows, k) = _prepared(family, arrays)
     if family == "normal":
         out = torch.empty(shape, dtype=flat[0].dtype, device=flat[0].device)
         if k:
-            block = min(_power_of_2(k), _TILE)
-            _kernels()["normal"][(_cdiv(k, block),)](*flat, out, k, BLOCK=block)
+            _, block = _blocks(rows, k)
+            _kernels()["normal"][(cdiv(k, block),)](*flat, out, k, BLOCK=block)
         return out
     out = torch.zeros(shape[:-1], dtype=torch.float64, device=flat[0].device)
     if rows and k:
         block_r, block_k = _blocks(rows, k)
-        _kernels()[family][(_cdiv(rows, block_r),)](*flat, out, rows, k, BLOCK_R=block_r, BLOCK_K=block_k)
+        _kernels()[family][(cdiv(rows, block_r),)](*flat, out, rows, k, BLOCK_R=block_r, BLOCK_K=block_k)
     return out
 
 
 def _gradients(family, g, arrays):
     """d KL / d each argument times ``g``, reduced to each argument's shape."""
     import torch
+    from triton import cdiv
 
     flat, shape, (rows, k) = _prepared(family, arrays)
     grads = [torch.empty(shape, dtype=flat[0].dtype, device=flat[0].device) for _ in flat]
     g = g.detach().to(torch.float64).expand(shape if family == "normal" else shape[:-1]).contiguous()
     if family == "normal" and k:
-        block = min(_power_of_2(k), _TILE)
-        _kernels()["normal_backward"][(_cdiv(k, block),)](*flat, g, *grads, k, BLOCK=block)
+        _, block = _blocks(rows, k)
+        _kernels()["normal_backward"][(cdiv(k, block),)](*flat, g, *grads, k, BLOCK=block)
     elif rows and k:
         block_r, block_k = _blocks(rows, k)
-        grid = (_cdiv(rows, block_r), _cdiv(k, block_k))
+        grid = (cdiv(rows, block_r), cdiv(k, block_k))
         _kernels()[f"{family}_backward"][grid](*flat, g, *grads, rows, k, BLOCK_R=block_r, BLOCK_K=block_k)
     return [grad.sum_to_size(a.shape) for grad, a in zip(grads, arrays)]
 
