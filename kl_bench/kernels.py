@@ -290,8 +290,7 @@ def _shifted_cholesky(be, m, factor_needed=False):
     k = m.shape[-1]
     if k <= SHIFTED_CHOLESKY_LEAF:
         eye = be.eye_like(m)
-        lower = xp.tril(m)
-        m = lower + xp.matrix_transpose(xp.tril(m, k=-1))
+        m = xp.tril(m) + xp.matrix_transpose(xp.tril(m, k=-1))  # symmetric from the lower triangle
         c, failed = be.cholesky_ex(eye + m)
         c = xp.where(failed[..., None, None], eye, c)
         n0 = c - eye
