@@ -13,7 +13,8 @@ def test_registry_names_are_unique_and_declare_families():
     everything = subjects.registry(compiled=True)
     names = [s.name for s in everything]
     assert len(names) == len(set(names))
-    assert {s.implementation for s in everything} == {"kl_bench", "torch.distributions", "numpyro", "textbook"}
+    assert {s.implementation for s in everything} == {"kl_bench", "torch.distributions", "numpyro", "tfp", "distrax", "pyro", "gpytorch",
+                                                      "textbook"}
     low_rank = subjects.TorchDistributions(method="LowRank")
     assert low_rank.family_names == ("diag", "vae") and "no tril family" in low_rank.unavailable("tril")
     assert subjects.by_name("textbook[numpy-cpu]") == subjects.Textbook()
@@ -26,13 +27,33 @@ def test_every_available_subject_agrees_on_a_generic_case():
         np.testing.assert_allclose(s.run("diag", case.arrays, "float64"), exact, rtol=1e-12, err_msg=s.name)
 
 
-def test_absent_packages_skip_with_a_reason(monkeypatch):
+THIRD_PARTIES = [(subjects.Numpyro, "numpyro"), (subjects.TFP, "tensorflow_probability"), (subjects.Distrax, "distrax"),
+                 (subjects.Pyro, "pyro"), (subjects.GPyTorch, "gpytorch")]
+
+
+@pytest.mark.parametrize("make, module", THIRD_PARTIES)
+def test_absent_packages_skip_with_a_reason(monkeypatch, make, module):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpyro" else real(name, *a))
-    assert subjects.Numpyro().unavailable() == "numpyro is not installed"
-    assert subjects.Numpyro() not in subjects.available()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    assert make().unavailable() == f"{module} is not installed"
+    assert make() not in subjects.available()
+
+
+@pytest.mark.parametrize("make, module", THIRD_PARTIES)
+def test_each_third_party_runs_every_family_it_declares(make, module):
+    """On a generic case of each family it has, each library's KL agrees with the certified reference."""
+    subject = make()
+    if subject.unavailable():
+        pytest.skip(subject.unavailable())
+    for family in subject.family_names:
+        case = cases.generate(family, "generic", "float64", n=3)
+        exact = np.array([float(v) for v in accuracy.references(case)])
+        np.testing.assert_allclose(subject.run(family, case.arrays, "float64"), exact, rtol=1e-9, err_msg=f"{subject.name} {family}")
+    missing = next((f for f in FAMILIES if f not in subject.family_names), None)
+    if missing:
+        assert f"no {missing} family" in subject.unavailable(missing)
 
 
 def test_accuracy_sweep_columns_and_third_parties():
@@ -114,3 +135,15 @@ def test_a_jax_subject_switches_float64_on_for_its_own_calls_only():
     assert not jax.config.jax_enable_x64  # not left on for the rest of the process
     exact = np.array([float(v) for v in accuracy.references(case)])
     np.testing.assert_allclose(values, exact, rtol=1e-14)  # computed in float64, not float32
+
+
+def test_recommend_has_a_line_of_code_for_every_subject_and_family():
+    from kl_bench.suite import recommend
+
+    for s in subjects.registry(compiled=True):
+        for family in s.family_names:
+            row = pd.Series(subjects.labels(s))
+            line = recommend.code_line(row, family)
+            assert line and "{" not in line, (s.name, family)
+            if not s.ours and s.implementation != "textbook":
+                assert recommend.DISTRIBUTIONS[s.implementation][family] in line, (s.name, family)

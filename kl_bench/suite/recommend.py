@@ -17,19 +17,39 @@ from .. import accel, families
 from . import runner, tables
 from .subjects import ARRAY, FUSED, MODES
 
-# One line of code per implementation; {f} is the family, {args} its arguments.
+# One line of code per implementation; {f} is the family, {args} its arguments, {dist} how p and q are built.
 CODE = {
     "kl_bench": "kl_bench.kl_{f}({args}{extra})",
     "torch.distributions": "torch.distributions.kl_divergence(p, q)  # {dist}",
     "numpyro": "numpyro.distributions.kl_divergence(p, q)  # {dist}",
+    "tfp": "tensorflow_probability.substrates.jax.distributions.kl_divergence(p, q)  # {dist}",
+    "distrax": "p.kl_divergence(q)  # distrax.{dist}",
+    "pyro": "torch.distributions.kl_divergence(p, q)  # after import pyro.distributions: {dist}",
+    "gpytorch": "torch.distributions.kl_divergence(p, q)  # gpytorch.distributions.{dist}",
     "textbook": "the textbook formula in NumPy: kl_bench.suite.subjects.textbook_{f}({args})",
 }
-DISTRIBUTIONS = {
+_PYRO_STYLE = {
     "normal": "Normal(loc, scale)",
     "diag": "Independent(Normal(loc, exp(logvar / 2)), 1)",
     "vae": "Independent(Normal(loc, exp(logvar / 2)), 1) against a standard normal",
     "tril": "MultivariateNormal(loc, scale_tril=L)",
     "cov": "MultivariateNormal(loc, covariance_matrix=S)",
+}
+DISTRIBUTIONS = {  # per implementation and family (as subjects.py builds them)
+    "torch.distributions": _PYRO_STYLE,
+    "numpyro": _PYRO_STYLE,
+    "tfp": {"normal": "Normal(loc, scale)", "diag": "MultivariateNormalDiag(loc, exp(logvar / 2))",
+            "vae": "MultivariateNormalDiag(loc, exp(logvar / 2)) against a standard normal",
+            "tril": "MultivariateNormalTriL(loc, L)", "cov": "MultivariateNormalFullCovariance(loc, S)"},
+    "distrax": {"normal": "Normal(loc, scale)", "diag": "MultivariateNormalDiag(loc, exp(logvar / 2))",
+                "vae": "MultivariateNormalDiag(loc, exp(logvar / 2)) against a standard normal",
+                "tril": "MultivariateNormalTri(loc, L, is_lower=True)"},
+    "pyro": {"diag": "p = Independent(Normal(loc_p, exp(logvar_p / 2)), 1), q = MultivariateNormal(loc_q, scale_tril=diag)",
+             "vae": "p = Independent(Normal(loc, exp(logvar / 2)), 1), q = MultivariateNormal(0, scale_tril=I)"},
+    "gpytorch": {"diag": "MultivariateNormal(loc, DiagLinearOperator(exp(logvar)))",
+                 "vae": "MultivariateNormal(loc, DiagLinearOperator(exp(logvar))) against a standard normal",
+                 "tril": "MultivariateNormal(loc, CholLinearOperator(TriangularLinearOperator(L)))",
+                 "cov": "MultivariateNormal(loc, S)"},
 }
 
 
@@ -47,7 +67,7 @@ def code_line(row: pd.Series, family: str) -> str:
     impl = row.implementation
     extra = ', method="naive"' if impl == "kl_bench" and row.method == "naive" else ""
     args = ", ".join(families.get(family).names)
-    line = CODE[impl].format(f=family, args=args, extra=extra, dist=DISTRIBUTIONS[family])
+    line = CODE[impl].format(f=family, args=args, extra=extra, dist=DISTRIBUTIONS.get(impl, {}).get(family, ""))
     if impl == "kl_bench":
         arrays = {"numpy": "NumPy arrays", "torch": "torch tensors", "jax": "JAX arrays"}[row.backend]
         if row["mode"] == "jax.jit":

@@ -4,7 +4,9 @@ The registry holds this project's kernels (stable and naive, on every backend an
 called, under the caller's ``jax.jit`` and under ``torch.compile``) and the implementations people
 use today: ``torch.distributions.kl_divergence`` (Normal, Independent Normal, MultivariateNormal by
 scale_tril and by covariance_matrix, LowRankMultivariateNormal for the diagonal families),
-numpyro's ``kl_divergence``, and the textbook formula written in NumPy as users write it.
+numpyro's, TensorFlow Probability's (JAX substrate), distrax's, Pyro's and GPyTorch's KLs, and
+the textbook formula written in NumPy as users write it. Each third party's module is optional:
+where it is not installed its subject says so (a skip reason).
 
 Every subject is called like ``kl_bench.kl_<family>`` on arrays of its backend, takes the same
 float64 case arrays (already rounded to the dtype under test, so the conversion is exact) and
@@ -170,19 +172,20 @@ class TorchDistributions(Subject):
         return functools.partial(_torch_distributions, family, self.method == "LowRank")
 
 
-def _pyro_style(family, args, *, Normal, MultivariateNormal, kl_divergence, diagonal, zeros_like):
-    """torch.distributions and numpyro share one API; ``diagonal(loc, logvar)`` builds their
-    diagonal Gaussian."""
+def _by_distributions(family, args, *, normal, diagonal, full, kl, zeros_like):
+    """Build p and q with a library's distribution classes and call its KL: ``normal(loc, scale)``,
+    ``diagonal(loc, logvar)`` its diagonal Gaussian, ``full(loc, kind, matrix)`` its full-covariance
+    one (kind "scale_tril" or "covariance_matrix"); the VAE term is the diagonal family against N(0, I)."""
     if family == "vae":
         loc, logvar = args
         args, family = (loc, logvar, zeros_like(loc), zeros_like(logvar)), "diag"
     mu_p, a, mu_q, b = args
     if family == "normal":
-        return kl_divergence(Normal(mu_p, a), Normal(mu_q, b))
+        return kl(normal(mu_p, a), normal(mu_q, b))
     if family == "diag":
-        return kl_divergence(diagonal(mu_p, a), diagonal(mu_q, b))
+        return kl(diagonal(mu_p, a), diagonal(mu_q, b))
     kind = "scale_tril" if family == "tril" else "covariance_matrix"
-    return kl_divergence(MultivariateNormal(mu_p, **{kind: a}), MultivariateNormal(mu_q, **{kind: b}))
+    return kl(full(mu_p, kind, a), full(mu_q, kind, b))
 
 
 def _torch_distributions(family, low_rank, *args):
@@ -195,8 +198,8 @@ def _torch_distributions(family, low_rank, *args):
             return LowRankMultivariateNormal(loc, no_factor, torch.exp(logvar))
         return Independent(Normal(loc, torch.exp(0.5 * logvar)), 1)
 
-    return _pyro_style(family, args, Normal=Normal, MultivariateNormal=MultivariateNormal, kl_divergence=kl_divergence,
-                       diagonal=diagonal, zeros_like=torch.zeros_like)
+    return _by_distributions(family, args, normal=Normal, diagonal=diagonal, kl=kl_divergence, zeros_like=torch.zeros_like,
+                             full=lambda loc, kind, m: MultivariateNormal(loc, **{kind: m}))
 
 
 @dataclass(frozen=True)
@@ -217,8 +220,120 @@ def _numpyro(family, *args):
     import jax.numpy as jnp
     from numpyro.distributions import MultivariateNormal, Normal, kl_divergence
 
-    return _pyro_style(family, args, Normal=Normal, MultivariateNormal=MultivariateNormal, kl_divergence=kl_divergence,
-                       diagonal=lambda loc, logvar: Normal(loc, jnp.exp(0.5 * logvar)).to_event(1), zeros_like=jnp.zeros_like)
+    return _by_distributions(family, args, normal=Normal, kl=kl_divergence, zeros_like=jnp.zeros_like,
+                             diagonal=lambda loc, logvar: Normal(loc, jnp.exp(0.5 * logvar)).to_event(1),
+                             full=lambda loc, kind, m: MultivariateNormal(loc, **{kind: m}))
+
+
+@dataclass(frozen=True)
+class TFP(Subject):
+    """TensorFlow Probability on its JAX substrate: ``tfd.kl_divergence`` of Normal,
+    MultivariateNormalDiag, MultivariateNormalTriL and MultivariateNormalFullCovariance."""
+
+    backend: str = "jax"
+    method: str = ""
+
+    implementation = "tfp"
+    requires = ("tensorflow_probability",)
+
+    def function(self, family):
+        return functools.partial(_tfp, family)
+
+
+def _tfp(family, *args):
+    import jax.numpy as jnp
+    from tensorflow_probability.substrates.jax import distributions as tfd
+
+    full = {"scale_tril": tfd.MultivariateNormalTriL, "covariance_matrix": tfd.MultivariateNormalFullCovariance}
+    return _by_distributions(family, args, normal=tfd.Normal, kl=tfd.kl_divergence, zeros_like=jnp.zeros_like,
+                             diagonal=lambda loc, logvar: tfd.MultivariateNormalDiag(loc, jnp.exp(0.5 * logvar)),
+                             full=lambda loc, kind, m: full[kind](loc, m))
+
+
+@dataclass(frozen=True)
+class Distrax(Subject):
+    """distrax's ``kl_divergence`` of Normal, MultivariateNormalDiag and MultivariateNormalTri
+    (lower); it has no covariance-matrix family here."""
+
+    backend: str = "jax"
+    method: str = ""
+
+    implementation = "distrax"
+    requires = ("distrax",)
+    family_names = ("normal", "diag", "vae", "tril")
+
+    def function(self, family):
+        return functools.partial(_distrax, family)
+
+
+def _distrax(family, *args):
+    import distrax
+    import jax.numpy as jnp
+
+    return _by_distributions(family, args, normal=distrax.Normal, kl=lambda p, q: p.kl_divergence(q), zeros_like=jnp.zeros_like,
+                             diagonal=lambda loc, logvar: distrax.MultivariateNormalDiag(loc, jnp.exp(0.5 * logvar)),
+                             full=lambda loc, kind, m: distrax.MultivariateNormalTri(loc, m, is_lower=True))
+
+
+@dataclass(frozen=True)
+class Pyro(Subject):
+    """Pyro's own ``kl_divergence`` registration, the one that differs from Torch's: a diagonal p
+    (Independent Normal) against a MultivariateNormal q (here the diagonal q by ``scale_tril``, and
+    N(0, I) for the VAE term). Importing ``pyro.distributions`` registers it (and an
+    Independent-Independent rule with the same arithmetic as Torch's) in torch.distributions."""
+
+    backend: str = "torch"
+    method: str = ""
+
+    implementation = "pyro"
+    requires = ("pyro",)
+    family_names = ("diag", "vae")
+
+    def function(self, family):
+        return functools.partial(_pyro, family)
+
+
+def _pyro(family, *args):
+    import pyro.distributions as dist
+    import pyro.distributions.kl  # noqa: F401 (registers Pyro's rules)
+    import torch
+
+    if family == "vae":
+        loc, logvar = args
+        args = (loc, logvar, torch.zeros_like(loc), torch.zeros_like(logvar))
+    loc_p, logvar_p, loc_q, logvar_q = args
+    p = dist.Independent(dist.Normal(loc_p, torch.exp(0.5 * logvar_p)), 1)
+    q = dist.MultivariateNormal(loc_q, scale_tril=torch.diag_embed(torch.exp(0.5 * logvar_q)))
+    return torch.distributions.kl_divergence(p, q)
+
+
+@dataclass(frozen=True)
+class GPyTorch(Subject):
+    """GPyTorch's ``MultivariateNormal`` and its KL (``kl_mvn_mvn``, the variational GP's), with
+    the covariance as a linear operator: diagonal (``DiagLinearOperator``), from a Cholesky factor
+    (``CholLinearOperator``) or dense."""
+
+    backend: str = "torch"
+    method: str = ""
+
+    implementation = "gpytorch"
+    requires = ("gpytorch",)
+    family_names = ("diag", "vae", "tril", "cov")
+
+    def function(self, family):
+        return functools.partial(_gpytorch, family)
+
+
+def _gpytorch(family, *args):
+    import torch
+    from gpytorch.distributions import MultivariateNormal
+    from linear_operator.operators import CholLinearOperator, DiagLinearOperator, TriangularLinearOperator
+
+    def full(loc, kind, m):
+        return MultivariateNormal(loc, CholLinearOperator(TriangularLinearOperator(m)) if kind == "scale_tril" else m)
+
+    return _by_distributions(family, args, normal=None, kl=torch.distributions.kl_divergence, zeros_like=torch.zeros_like,
+                             diagonal=lambda loc, logvar: MultivariateNormal(loc, DiagLinearOperator(torch.exp(logvar))), full=full)
 
 
 @dataclass(frozen=True)
@@ -284,7 +399,8 @@ def third_party() -> list[Subject]:
     """What people use today, on every device (available or not)."""
     out: list[Subject] = [Textbook()]
     for d in DEVICES:
-        out += [TorchDistributions(device=d), TorchDistributions(device=d, method="LowRank"), Numpyro(device=d)]
+        out += [TorchDistributions(device=d), TorchDistributions(device=d, method="LowRank"), Numpyro(device=d), TFP(device=d),
+                Distrax(device=d), Pyro(device=d), GPyTorch(device=d)]
     return out
 
 
