@@ -5,10 +5,10 @@ The library is this package's top level (``kl``, ``kernels``, ``families``, ``ba
 ``accel/``); the suite that measures it is ``kl_bench.suite`` and is imported only when asked for
 (``kl_bench.check``, the ``kl-bench`` command, the pytest plugin's fixtures)."""
 
-from .kl import FAMILIES, METHODS, kl_cov, kl_diag, kl_normal, kl_tril, kl_vae
+from .kl import FAMILIES, METHODS, kl_cov, kl_diag, kl_lowrank, kl_normal, kl_tril, kl_vae
 
 __version__ = "0.1.0"
-__all__ = ["FAMILIES", "METHODS", "check", "kl_cov", "kl_diag", "kl_normal", "kl_tril", "kl_vae", "__version__"]
+__all__ = ["FAMILIES", "METHODS", "check", "kl_cov", "kl_diag", "kl_lowrank", "kl_normal", "kl_tril", "kl_vae", "__version__"]
 
 
 def __getattr__(name):

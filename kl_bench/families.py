@@ -14,13 +14,15 @@ SCALE = "scale"  # a standard deviation (> 0)
 LOGVAR = "logvar"  # a log-variance
 FACTOR = "factor"  # a lower Cholesky factor of a covariance (positive diagonal; the upper part is ignored)
 COV = "cov"  # a symmetric positive-definite covariance matrix
+LOW_RANK = "low-rank factor"  # W of a covariance W W^T + diag(d): k x r, any r >= 1
+VARIANCE = "variance"  # the diagonal d of a covariance W W^T + diag(d) (> 0)
 
 
 @dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # LOC, SCALE, LOGVAR, FACTOR or COV
-    core_ndim: int  # trailing axes per batch element: 0 a scalar, 1 a vector of length k, 2 a k x k matrix
+    kind: str  # LOC, SCALE, LOGVAR, FACTOR, COV, LOW_RANK or VARIANCE
+    core_ndim: int  # trailing axes per batch element: 0 a scalar, 1 a vector of length k, 2 a k x k (k x r) matrix
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ TABLE: dict[str, Family] = {f.name: f for f in (
     _family("vae", ("loc", LOC, 1), ("logvar", LOGVAR, 1), accelerated=("triton", "xla", "numba")),
     _family("tril", ("loc_p", LOC, 1), ("tril_p", FACTOR, 2), ("loc_q", LOC, 1), ("tril_q", FACTOR, 2)),
     _family("cov", ("loc_p", LOC, 1), ("cov_p", COV, 2), ("loc_q", LOC, 1), ("cov_q", COV, 2)),
+    _family("lowrank", ("loc_p", LOC, 1), ("cov_factor_p", LOW_RANK, 2), ("cov_diag_p", VARIANCE, 1),
+            ("loc_q", LOC, 1), ("cov_factor_q", LOW_RANK, 2), ("cov_diag_q", VARIANCE, 1)),
 )}
 NAMES = tuple(TABLE)
 

@@ -313,6 +313,39 @@ def _shifted_cholesky(be, m, factor_needed=False):
     return u, squares, xp.concat([xp.concat([n11, zeros], axis=-1), xp.concat([n21, n22], axis=-1)], axis=-2)
 
 
+def _logdet(xp, factor):
+    """ln det of L L^T from its lower factor L."""
+    return 2.0 * xp.sum(xp.log(xp.linalg.diagonal(factor)), axis=-1)
+
+
+def _trace_minus_logdet(be, m, logdet):
+    """tr(M) - ln det(I + M) >= 0 for symmetric M (its lower triangle read) with I + M positive
+    definite, given ``logdet`` = ln det(I + M) from factors: sum_j psi(u_j) + sum_{i>j} N_ij^2
+    from the shifted Cholesky factor I + N of I + M, every term >= 0.
+
+    A pivot 1 + u_j < 1/2 (I + M much narrower than I in some direction) has lost digits to the
+    absolute error of M, and so has the rest of N after it. There the result is at least
+    psi(-1/2) (a pivot bounds the smallest eigenvalue of I + M from above), and it is taken as
+    tr(M) - ``logdet``, whose log-determinants carry relative errors."""
+    xp = be.xp
+    u, squares, _ = _shifted_cholesky(be, m)
+    narrow = xp.any(u < -0.5, axis=-1)
+    wide = xp.sum(psi(be, xp.where(narrow[..., None], 0.0, u)), axis=-1) + squares
+    return xp.where(narrow, xp.sum(xp.linalg.diagonal(m), axis=-1) - logdet, wide)
+
+
+def _twice_kl_of_difference(be, factor_q, factor_p, difference, dmu):
+    """2 KL from S_p - S_q, dmu (..., k, 1) and the Cholesky factors of S_q and S_p:
+    M = L_q^-1 (S_p - S_q) L_q^-T and I + M = (I + N)(I + N)^T factored in small quantities,
+    tr(M) - ln det(I + M) = sum_j psi(u_j) + sum_{i>j} N_ij^2, every term >= 0, plus ||z||^2,
+    z = L_q^-1 dmu."""
+    xp = be.xp
+    solved = be.solve_triangular(factor_q, difference)
+    m = be.solve_triangular(factor_q, xp.matrix_transpose(solved))  # only its lower triangle is read
+    z = be.solve_triangular(factor_q, dmu)[..., 0]
+    return _trace_minus_logdet(be, m, _logdet(xp, factor_p) - _logdet(xp, factor_q)) + xp.sum(z * z, axis=-1)
+
+
 def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     xp = be.xp
     k = cov_p.shape[-1]
@@ -330,26 +363,10 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         kl = 0.5 * (trace + quad - k + logdet)
         bad_p = be.cholesky_ex(cov_p)[1] if check else None
     else:
-        # M = L_q^-1 (S_p - S_q) L_q^-T, and I + M = (I + N)(I + N)^T factored in small quantities:
-        # tr(M) - ln det(I + M) = sum_j psi(u_j) + sum_{i>j} N_ij^2, every term >= 0, and
-        # KL = 1/2 [that + ||z||^2], z = L_q^-1 dmu.
-        solved = be.solve_triangular(factor_q, cov_p - cov_q)
-        m = be.solve_triangular(factor_q, xp.matrix_transpose(solved))  # only its lower triangle is read
-        z = be.solve_triangular(factor_q, dmu)[..., 0]
-        u, squares, _ = _shifted_cholesky(be, m)
         # Positive-definiteness is decided by each matrix's own factorisation.
         factor_p, bad_p = be.cholesky_ex(cov_p)
         factor_p = xp.where(bad_p[..., None, None], be.eye_like(factor_p), factor_p)
-        # A pivot 1 + u_j < 1/2 (S_p much narrower than S_q in some direction) has lost digits to
-        # the absolute error of M, and so has the rest of N after it. There the KL is at least
-        # psi(-1/2)/2 (a pivot bounds the smallest eigenvalue of I + M from above), and it is
-        # taken as tr(M) - ln det S_p + ln det S_q, the log-determinants from the factors,
-        # which carry relative errors.
-        narrow = xp.any(u < -0.5, axis=-1)
-        wide_sum = xp.sum(psi(be, xp.where(narrow[..., None], 0.0, u)), axis=-1) + squares
-        logdet_ratio = 2.0 * xp.sum(xp.log(xp.linalg.diagonal(factor_p)) - xp.log(xp.linalg.diagonal(factor_q)), axis=-1)
-        narrow_sum = xp.sum(xp.linalg.diagonal(m), axis=-1) - logdet_ratio
-        kl = 0.5 * xp.where(narrow, narrow_sum, wide_sum) + 0.5 * xp.sum(z * z, axis=-1)
+        kl = 0.5 * _twice_kl_of_difference(be, factor_q, factor_p, cov_p - cov_q, dmu)
     bad = nan_rows | bad_q
     if bad_p is not None:
         bad = bad | bad_p
@@ -357,6 +374,199 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     if check:
         problems = {("cov_q", NOT_POSITIVE_DEFINITE): bad_q, ("cov_p", NOT_POSITIVE_DEFINITE): bad_p}
     return _nan_where(be, bad, kl), problems
+
+
+def _half_psi_of_ratio(be, a, b):
+    """psi(a/b - 1) / 2 = (a/b - 1 - ln(a/b)) / 2 for positive a, b: near a == b from a - b (exact
+    within a factor of 2); for a/b < 1/2, where log1p(a/b - 1) would lose ln(a/b), from the log of
+    the ratio (or ln a - ln b where the ratio underflows)."""
+    xp = be.xp
+    ratio = a / b
+    far_below = ratio < 0.5
+    near = psi(be, xp.where(far_below, 0.0, (a - b) / b))
+    safe = xp.where(far_below, ratio, 0.25)
+    underflow = safe < xp.finfo(a.dtype).smallest_normal
+    log_ratio = xp.where(underflow, xp.log(xp.where(underflow, a, 1.0)) - xp.log(xp.where(underflow, b, 1.0)),
+                         xp.log(xp.where(underflow, 0.25, safe)))
+    return 0.5 * xp.where(far_below, (ratio - 1.0) - log_ratio, near)
+
+
+def _factor(be, m):
+    """The lower Cholesky factor of each matrix, the identity where one does not factor (its result
+    is NaN anyway: NaN input), so that no later solve fails on it."""
+    factor, bad = be.cholesky_ex(m)
+    return be.xp.where(bad[..., None, None], be.eye_like(m), factor)
+
+
+def _gram_factor(be, a, weights=None):
+    """The lower Cholesky factor of I + A^T diag(weights) A (r x r) for A (..., k, r)."""
+    xp = be.xp
+    at = xp.matrix_transpose(a)
+    gram = (at if weights is None else at * weights[..., None, :]) @ a
+    return _factor(be, be.eye_like(gram) + gram)
+
+
+def kl_lowrank(be, loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q, *, method, check):
+    """Covariances W W^T + diag(d), W (..., k, r), in O(k r^2) (docs/design.md, "Low-rank plus
+    diagonal")."""
+    xp = be.xp
+    # NaN anywhere in a factor makes its sum NaN: one pass over each factor, not two
+    factor_sums = xp.sum(cov_factor_p, axis=(-2, -1)) + xp.sum(cov_factor_q, axis=(-2, -1))
+    nan_rows = _any_nan(xp, (loc_p, 1), (cov_diag_p, 1), (loc_q, 1), (cov_diag_q, 1), (factor_sums, 0))
+    not_positive = {name: xp.any(d <= 0, axis=-1) for name, d in (("cov_diag_p", cov_diag_p), ("cov_diag_q", cov_diag_q))}
+    invalid = nan_rows | not_positive["cov_diag_p"] | not_positive["cov_diag_q"]
+    problems = {(name, "must be positive"): bad for name, bad in not_positive.items()} if check else {}
+    rows = invalid[..., None]
+    loc_p, loc_q = xp.where(rows, 0.0, loc_p), xp.where(rows, 0.0, loc_q)
+    d_p, d_q = xp.where(rows, 1.0, cov_diag_p), xp.where(rows, 1.0, cov_diag_q)
+    # the factors are cleaned only where NaN would reach a factorisation (kl_lowrank's small matrices)
+    w_p, w_q = _same_rank(xp, cov_factor_p, cov_factor_q)
+    if method == "naive":
+        kernel = _lowrank_naive
+    else:  # with k <= 2r, forming the k x k covariances costs no more than O(k r^2)
+        kernel = _lowrank_dense if d_p.shape[-1] <= 2 * w_p.shape[-1] else _lowrank_stable
+    return _nan_where(be, invalid, kernel(be, loc_p - loc_q, w_p, d_p, w_q, d_q)), problems
+
+
+def _same_rank(xp, w_p, w_q):
+    """Both factors with r = max(r_p, r_q) columns (zero columns leave W W^T as it is)."""
+    r_p, r_q = w_p.shape[-1], w_q.shape[-1]
+    if r_p < r_q:
+        w_p = xp.concat([w_p, xp.zeros_like(w_q[..., : r_q - r_p])], axis=-1)
+    elif r_q < r_p:
+        w_q = xp.concat([w_q, xp.zeros_like(w_p[..., : r_p - r_q])], axis=-1)
+    return w_p, w_q
+
+
+def _lowrank_naive(be, dmu, w_p, d_p, w_q, d_q):
+    """torch.distributions' formula: Woodbury and the determinant lemma, term by term."""
+    xp = be.xp
+    k = d_p.shape[-1]
+    c_p, c_q = _gram_factor(be, w_p / d_p[..., None] ** 0.5), _gram_factor(be, w_q / d_q[..., None] ** 0.5)
+    logdet = lambda c, d: _logdet(xp, c) + xp.sum(xp.log(d), axis=-1)  # noqa: E731
+    wt_dinv = xp.matrix_transpose(w_q / d_q[..., None])  # (r, k)
+    a = be.solve_triangular(c_q, wt_dinv)  # C_q^-1/2 W_q^T D_q^-1
+    quad = xp.sum(dmu * dmu / d_q, axis=-1) - xp.sum((a @ dmu[..., None])[..., 0] ** 2, axis=-1)
+    trace = (xp.sum(d_p / d_q, axis=-1) + xp.sum(w_p * w_p / d_q[..., None], axis=(-2, -1))
+             - xp.sum((a * d_p[..., None, :] ** 0.5) ** 2, axis=(-2, -1)) - xp.sum((a @ w_p) ** 2, axis=(-2, -1)))
+    return 0.5 * (trace + quad - k + logdet(c_q, d_q) - logdet(c_p, d_p))
+
+
+def _lowrank_dense(be, dmu, w_p, d_p, w_q, d_q):
+    """kl_cov's form on the D_q-scaled covariances I + V V^T and R + U U^T, whose difference
+    E + V X^T + X V^T + X X^T (E = D_q^-1 (D_p - D_q), X = U - V) comes from the changes."""
+    xp = be.xp
+    t = xp.matrix_transpose
+    scale = 1.0 / xp.sqrt(d_q)
+    v, x = w_q * scale[..., None], (w_p - w_q) * scale[..., None]
+    u = v + x
+    eye = be.eye_like(v @ t(v))
+    difference = (eye * ((d_p - d_q) / d_q)[..., None, :]) + v @ t(x) + x @ t(v) + x @ t(x)
+    factor_q = _factor(be, eye + v @ t(v))
+    factor_p = _factor(be, eye * (d_p / d_q)[..., None, :] + u @ t(u))
+    return 0.5 * _twice_kl_of_difference(be, factor_q, factor_p, difference, (dmu * scale)[..., None])
+
+
+def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
+    """2 KL = ||z||^2 + f(S_q^-1 T) + f(T^-1 S_p) + tr((S_q^-1 - T^-1)(S_p - T)), f(A) = tr(A) - k -
+    ln det A, through T = D_p + W_q W_q^T: the diagonal's change seen through q's factor, the
+    factor's change in T's metric (an r x r and a 2r x 2r problem) and their coupling, a product of
+    the two changes (docs/design.md, "Low-rank plus diagonal"). One pass over the factors makes
+    the weighted Gram matrices Y^T diag(w) Y of Y = [W_q, X], X = W_p - W_q; a second makes the
+    part of X that T's metric leaves. No QR or eigendecomposition: the gradients stay finite where
+    a factor or its change is rank deficient (a zero factor, p == q)."""
+    xp = be.xp
+    t = xp.matrix_transpose
+    r = w_q.shape[-1]
+    change = d_p - d_q
+    x = w_p - w_q
+    w_e = change / (d_p * d_q)
+    # the weighted Gram matrices [W_q, X]^T D_p^-1 [W_q, X], [W_q, X]^T D_q^-1 E D_p^-1 [W_q, X] and
+    # W_q^T D_q^-2 E^2 D_p^-1 W_q; D_q^-1 = D_p^-1 + D_q^-1 E D_p^-1 gives W_q^T D_q^-1 [W_q, X]
+    g_t, g_e = _blocked_grams(xp, w_q, x, 1.0 / d_p), _blocked_grams(xp, w_q, x, w_e)
+    g_q = g_t[..., :r, :] + g_e[..., :r, :]
+    g_ee = t(w_q) @ (w_q * (change * w_e / d_q)[..., None])
+    eye = be.eye_like(g_ee)
+    c_q = _factor(be, eye + g_q[..., :r, :r])  # I + W_q^T D_q^-1 W_q
+    b = g_t[..., :r, :r]  # V'^T V', V' = D_p^-1/2 W_q
+    c_t = _factor(be, eye + b)  # T = D_p^1/2 (I + V' V'^T) D_p^1/2
+    c_p = _factor(be, eye + b + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:])  # S_p's, by D_p
+    # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D E D_p^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
+    f_diag = (2.0 * xp.sum(_half_psi_of_ratio(be, d_p, d_q), axis=-1)
+              + _trace_minus_logdet(be, -_congruent(be, c_q, g_e[..., :r, :r]), _logdet(xp, c_t) - _logdet(xp, c_q))
+              - xp.sum(xp.linalg.diagonal(_congruent(be, c_q, g_ee)), axis=-1))
+    # f(T^-1 S_p) = g(S0 Z^T Z): S_p - T = Y S0 Y^T, S0 = [[0, I], [I, I]], Z = F^-1 D_p^-1/2 Y with
+    # F F^T = I + V' V'^T, F = I + V' (I + L)^-1 V'^T (L = c_t), F^-1 = I - V' A^-1 V'^T, A = L (I + L^T):
+    # F^-1 V' = V' A^-1 (I + L) and V'^T Z_X = (I + L) A^-1 V'^T X' need no subtraction.
+    a_matrix = c_t + c_t @ t(c_t)
+    m_x = xp.linalg.solve(a_matrix, g_t[..., :r, r:])  # A^-1 V'^T X'
+    rest = x - w_q @ m_x  # D_p^1/2 Z_X: the part of X that T's metric leaves
+    gram_xx = t(rest) @ (rest / d_p[..., None])
+    shift = eye + c_t
+    zv = xp.linalg.solve(a_matrix, shift)  # A^-1 (I + L): Z_V = V' zv
+    gram_vv, gram_vx = t(zv) @ b @ zv, t(zv) @ shift @ m_x
+    gram = xp.concat([xp.concat([gram_vv, gram_vx], axis=-1), xp.concat([t(gram_vx), gram_xx], axis=-1)], axis=-2)
+    k_matrix = xp.concat([gram[..., r:, :], gram[..., :r, :] + gram[..., r:, :]], axis=-2)  # S0 Z^T Z
+    f_factor = _trace_minus_logdet_of_product(be, k_matrix, _logdet(xp, c_p) - _logdet(xp, c_t))
+    # tr(S_q^-1 E T^-1 Y S0 Y^T) = tr(S0 (Y - W_q beta)^T D_q^-1 E D_p^-1 (Y - W_q alpha)), alpha and beta
+    # the coefficients of Y's projections that S_q^-1 and T^-1 remove
+    alpha = _solve_gram(be, c_q, g_q[..., :r, :])
+    beta = _solve_gram(be, c_t, g_t[..., :r, :])
+    projected = g_e - g_e[..., :, :r] @ alpha - t(beta) @ g_e[..., :r, :] + t(beta) @ g_e[..., :r, :r] @ alpha
+    coupling = xp.sum(xp.linalg.diagonal(projected[..., r:, :r] + projected[..., :r, r:] + projected[..., r:, r:]), axis=-1)
+    # ||z||^2 = dmu^T S_q^-1 dmu by Woodbury
+    inside = be.solve_triangular(c_q, (t(w_q) @ (dmu / d_q)[..., None]))[..., 0]
+    mean = xp.sum(dmu * dmu / d_q, axis=-1) - xp.sum(inside * inside, axis=-1)
+    # every part but the coupling is >= 0; a sum that rounds below 0 is 0
+    return 0.5 * xp.clip(f_diag + f_factor + coupling + mean, min=0.0)
+
+
+def _blocked_grams(xp, a, b, weights):
+    """[A, B]^T diag(weights) [A, B] from its three distinct blocks."""
+    t = xp.matrix_transpose
+    wa, wb = a * weights[..., None], b * weights[..., None]
+    ab = t(wa) @ b
+    return xp.concat([xp.concat([t(wa) @ a, ab], axis=-1), xp.concat([t(ab), t(wb) @ b], axis=-1)], axis=-2)
+
+
+def _congruent(be, factor, m):
+    """L^-1 M L^-T for a lower factor L."""
+    xp = be.xp
+    return be.solve_triangular(factor, xp.matrix_transpose(be.solve_triangular(factor, m)))
+
+
+def _solve_gram(be, factor, b):
+    """(L L^T)^-1 B for a lower factor L."""
+    return be.xp.linalg.solve(be.xp.matrix_transpose(factor), be.solve_triangular(factor, b))
+
+
+def _split(a, r):
+    return a[..., :r], a[..., r:]
+
+
+# g(K) = sum_{n>=2} (-1)^n tr(K^n) / n where the spectral radius is below 1/2: terms to 2^-55 (2^-26).
+_LOG_SERIES_TERMS = {"float64": 55, "float32": 26}
+
+
+def _trace_minus_logdet_of_product(be, k_matrix, logdet):
+    """g(K) = tr(K) - ln det(I + K) for K = S G with S symmetric and G positive semidefinite (real
+    eigenvalues, those of G^1/2 S G^1/2), given ``logdet`` = ln det(I + K) from factors. Where
+    tr(K^4) < 1/16 (every eigenvalue within 1/2) by its series, whose first term tr(K^2) / 2 =
+    ||G^1/2 S G^1/2||_F^2 / 2 dominates, evaluated by Horner's rule; elsewhere (some eigenvalue
+    beyond about 1/2, so that tr(K) - ``logdet`` loses at most a few digits to cancellation) directly.
+    Products only: no square root of G, which may be singular."""
+    xp = be.xp
+    k2 = k_matrix @ k_matrix
+    small = _sum_last2(xp, k2 * xp.matrix_transpose(k2)) < 1.0 / 16.0  # tr(K^4)
+    ks = xp.where(small[..., None, None], k_matrix, 0.0)
+    eye = be.eye_like(k_matrix)
+    n_max = _LOG_SERIES_TERMS[_dtype_key(be, k_matrix)]
+    acc = eye * ((-1.0) ** n_max / n_max)
+    for n in range(n_max - 1, 1, -1):
+        acc = eye * ((-1.0) ** n / n) + ks @ acc
+    series = _sum_last2(xp, (ks @ ks) * xp.matrix_transpose(acc))  # tr(K^2 acc)
+    direct = xp.sum(xp.linalg.diagonal(k_matrix), axis=-1) - logdet
+    return xp.where(small, series, direct)
 
 
 def derivatives(be, family, arrays):
@@ -376,7 +586,7 @@ def derivatives(be, family, arrays):
     return [mean, half_expm1, -mean, -(half_expm1 + (0.5 * dmu) * mean)]
 
 
-KERNELS = {"normal": kl_normal, "diag": kl_diag, "vae": kl_vae, "tril": kl_tril, "cov": kl_cov}
+KERNELS = {"normal": kl_normal, "diag": kl_diag, "vae": kl_vae, "tril": kl_tril, "cov": kl_cov, "lowrank": kl_lowrank}
 
 
 @functools.cache

@@ -43,6 +43,12 @@ def kl_cov(loc_p, cov_p, loc_q, cov_q, *, method="stable", validate=True):
     return _call("cov", (loc_p, cov_p, loc_q, cov_q), method, validate)
 
 
+def kl_lowrank(loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q, *, method="stable", validate=True):
+    """KL between Gaussians with covariances W W^T + diag(d) (torch's LowRankMultivariateNormal):
+    factors (..., k, r), diagonals (..., k); the two ranks may differ. O(k r^2)."""
+    return _call("lowrank", (loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q), method, validate)
+
+
 def _call(family, values, method, validate):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -128,24 +134,29 @@ def _broadcast(be, fam, arrays):
         if not fam.elementwise and len(shape) == 0:
             raise ValueError(f"{names[0]} and the others must have a last axis of length k, got {_listing(shapes)}")
         return arrays  # elementwise operations broadcast by themselves
+    kinds = {a.name: a.kind for a in fam.args}
     mat_names = [n for n in names if core[n] == 2]
     for n in mat_names:
         s = shapes[n]
-        if len(s) < 2 or s[-1] != s[-2]:
+        if kinds[n] == families.LOW_RANK:
+            if len(s) < 2:
+                raise ValueError(f"{n} must be a k x r matrix or a batch of them (..., k, r), got shape {s}")
+        elif len(s) < 2 or s[-1] != s[-2]:
             raise ValueError(f"{n} must be a square matrix or a batch of them (..., k, k), got shape {s}")
-    k = shapes[mat_names[0]][-1]
-    if shapes[mat_names[1]][-1] != k:
+    k = shapes[mat_names[0]][-2]
+    if shapes[mat_names[1]][-2] != k:
         raise ValueError(f"mismatched dimension k: {_listing({n: shapes[n] for n in mat_names})}")
     for n in names:
         if core[n] == 1 and len(shapes[n]) >= 1 and shapes[n][-1] not in (1, k):
-            raise ValueError(f"mismatched dimension k: {n} has shape {shapes[n]} but {mat_names[0]} is {k}x{k}")
+            size = f"{k}x{k}" if kinds[mat_names[0]] != families.LOW_RANK else f"{k}x{shapes[mat_names[0]][-1]}"
+            raise ValueError(f"mismatched dimension k: {n} has shape {shapes[n]} but {mat_names[0]} is {size}")
     batches = {n: s[: len(s) - core[n]] if len(s) >= core[n] else () for n, s in shapes.items()}
     try:
         batch = np.broadcast_shapes(*batches.values())
     except ValueError:
         raise ValueError(f"batch shapes do not broadcast: {_listing(shapes)}") from None
     xp = be.xp
-    return [xp.broadcast_to(x, batch + (k,) * core[n]) for n, x in zip(names, arrays)]
+    return [xp.broadcast_to(x, batch + ((k,) if core[n] == 1 else (k, shapes[n][-1]))) for n, x in zip(names, arrays)]
 
 
 def _listing(shapes):

@@ -97,6 +97,23 @@ def correct_cov(mu_p, s_p, mu_q, s_q):
     return _per_element(_cov_one, mu_p, s_p, mu_q, s_q)
 
 
+def _lowrank_one(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    """The eigenvalue form on S_p - S_q = diag(d_p - d_q) + W_q X^T + X W_q^T + X X^T, X = W_p - W_q."""
+    x = w_p - w_q
+    s_q = w_q @ w_q.T + np.diag(d_q)
+    l_q = np.linalg.cholesky(s_q)
+    half = solve_triangular(l_q, np.diag(d_p - d_q) + w_q @ x.T + x @ w_q.T + x @ x.T, lower=True)
+    m = solve_triangular(l_q, half.T, lower=True)
+    lam = np.linalg.eigvalsh(0.5 * (m + m.T))
+    z = solve_triangular(l_q, mu_p - mu_q, lower=True)
+    return 0.5 * (np.sum(phi(np.log1p(lam))) + np.sum(z**2))
+
+
+@in_dtype_of(0)
+def correct_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    return _per_element(_lowrank_one, mu_p, w_p, d_p, mu_q, w_q, d_q)
+
+
 # --- faults ---------------------------------------------------------------------------------
 def seed_misprint_cov(mu_p, s_p, mu_q, s_q):
     """Seed 001, formula (5): + k, and the 1/2 on the log-determinant term only."""
@@ -139,6 +156,14 @@ def keepdims_vae(mu, logvar):
 
 def textbook_normal(mu_p, s_p, mu_q, s_q):
     return np.log(s_q / s_p) + (s_p**2 + (mu_p - mu_q) ** 2) / (2 * s_q**2) - 0.5
+
+
+def textbook_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    """The covariances formed, then the textbook formula: S_p - S_q is lost to rounding near p == q."""
+    def cov(w, d):
+        return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
+
+    return textbook_tril(mu_p, np.linalg.cholesky(cov(w_p, d_p)), mu_q, np.linalg.cholesky(cov(w_q, d_q)))
 
 
 def textbook_vae(mu, logvar):

@@ -26,6 +26,7 @@ FAULTS = [
     ("normal", corpus.textbook_normal, "float64"),
     ("vae", corpus.textbook_vae, "float32"),
     ("tril", corpus.textbook_tril, "float64"),
+    ("lowrank", corpus.textbook_lowrank, "float64"),
 ]
 CORRECT = [(f, getattr(corpus, f"correct_{f}")) for f in kl_bench.FAMILIES] + [
     (f, getattr(kl_bench, f"kl_{f}")) for f in kl_bench.FAMILIES

@@ -86,9 +86,9 @@ def test_sweeps_are_named_and_reproducible(family):
         assert set(cases.sweep_specs(family, "float64", part)) <= set(full)
     closeness = [p for r, p, _ in cases.sweep_specs(family, "float64", "closeness")]
     assert min(closeness) == 1e-12 and max(closeness) == 1e-1
-    if family in ("tril", "cov"):
-        conds = [p for _, p, _ in cases.sweep_specs(family, "float64", "conditioning")]
-        assert conds[0] == 1 and conds[-1] == (1e16 if family == "tril" else 1e12)
+    if family in ("tril", "cov", "lowrank"):
+        conds = [p for r, p, _ in cases.sweep_specs(family, "float64", "conditioning") if r == "ill-conditioned"]
+        assert conds[0] == 1 and conds[-1] == (1e12 if family == "cov" else 1e16)
         assert max(k for _, _, k in cases.sweep_specs(family, "float64", "dimension")) == 1000
     elif family != "normal":
         assert max(k for _, _, k in cases.sweep_specs(family, "float64", "dimension")) == 1_000_000
@@ -97,9 +97,22 @@ def test_sweeps_are_named_and_reproducible(family):
 
 
 def test_conditioning_sweep_reaches_its_condition_numbers():
-    for family, cond in (("tril", 1e16), ("cov", 1e12)):
-        case = cases.generate(family, "ill-conditioned", "float64", cond, n=4)
-        assert np.all(case.cond > cond / 10) and np.all(case.cond < cond * 10)
+    for family, regime, cond in (("tril", "ill-conditioned", 1e16), ("cov", "ill-conditioned", 1e12),
+                                 ("lowrank", "ill-conditioned", 1e16), ("lowrank", "aligned-diagonal", 1e8)):
+        case = cases.generate(family, regime, "float64", cond, n=4)
+        assert np.all(case.cond > cond / 10) and np.all(case.cond < cond * 10), (family, regime, case.cond)
+
+
+def test_lowrank_cases_have_the_ranks_and_structure_they_name():
+    generic = cases.generate("lowrank", "generic", "float64", n=2)
+    assert generic.arrays[1].shape == (2, 8, cases.LOW_RANK) and 8 > 2 * cases.LOW_RANK  # the O(k r^2) route
+    assert cases.generate("lowrank", "full-rank", "float64", n=2).arrays[1].shape == (2, 8, 8)
+    high = cases.generate("lowrank", "high-dim", "float64", k=40, n=2)
+    assert len(reference.coupled_blocks("lowrank", [a[0] for a in high.arrays])) == 40 - 3 * (cases.BLOCK - 1)
+    aligned = cases.generate("lowrank", "aligned-diagonal", "float64", 1e4, n=2)
+    mu_p, w_p, d_p, mu_q, w_q, d_q = aligned.arrays
+    assert np.array_equal(mu_p, mu_q) and np.array_equal(w_p, w_q) and np.array_equal(d_p[:, 3:], d_q[:, 3:])
+    assert not np.array_equal(d_p[:, :3], d_q[:, :3])
 
 
 def test_high_dim_full_covariance_references_are_sums_of_blocks():

@@ -15,7 +15,13 @@ Regimes (docs/design.md, "Measuring accuracy"):
 - ``high-dim`` (every family but normal): k = 1000 in the quick set, any k in the dimension sweep.
   Full covariances there are block diagonal (blocks of ``BLOCK``, rows and columns shuffled for
   ``cov``), so that the reference is the exact sum of small blocks' references.
-- ``ill-conditioned`` (tril, cov; param: condition number of S_q, 1 .. 1e16).
+- ``ill-conditioned`` (tril, cov, lowrank; param: condition number of S_q, 1 .. 1e16).
+- ``stiff-diagonal`` (lowrank; param: relative perturbation): diagonals spread over six orders of
+  magnitude (three in half precision) under a factor of size 1, q near p.
+- ``full-rank`` (lowrank): r = k, q within 1e-6 of p (the dense route of ``kernels.kl_lowrank``).
+- ``aligned-diagonal`` (lowrank; param: condition number of S_q): q's factor large on r of the
+  coordinates and p differing from q only in the diagonal there, a change the factor hides; the
+  limitation documented in docs/design.md ("Low-rank plus diagonal"): measured, not promised.
 
 ``case_sets(family, dtype, sweep)`` names the case sets of each sweep: ``quick`` (the correctness
 suite and ``kl-bench run``), ``closeness`` (error versus the relative perturbation),
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import families
-from ..families import COV, FACTOR
+from ..families import COV, FACTOR, VARIANCE
 
 NEAR_EQUAL = (1e-1, 1e-3, 1e-6, 1e-9, 1e-12)
 CLOSENESS = tuple(10.0**-e for e in range(1, 13))
@@ -41,6 +47,7 @@ DIMENSION = {
     "vae": (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
     "tril": (2, 8, 32, 128, 512, 1_000),
     "cov": (2, 8, 32, 128, 512, 1_000),
+    "lowrank": (2, 8, 32, 128, 512, 1_000),
 }
 SWEEPS = ("quick", "closeness", "conditioning", "dimension", "full")
 BLOCK = 4
@@ -55,8 +62,9 @@ LIMITS = {
     "bfloat16": dict(eps=2.0**-7, log10_scale=15.0, logvar=80.0, cond=(1e1,), max_cond=1e1, max_cond_tril=1e2),
 }
 
-DEFAULT_N = {"normal": 256, "diag": 64, "vae": 64, "tril": 32, "cov": 32}
-DEFAULT_K = {"normal": 1, "diag": 16, "vae": 16, "tril": 6, "cov": 6}
+DEFAULT_N = {"normal": 256, "diag": 64, "vae": 64, "tril": 32, "cov": 32, "lowrank": 32}
+DEFAULT_K = {"normal": 1, "diag": 16, "vae": 16, "tril": 6, "cov": 6, "lowrank": 8}
+LOW_RANK = 3  # r of the lowrank cases (k > 2 r: the O(k r^2) route), but for ``full-rank``
 HIGH_DIM_K = 1000
 
 
@@ -108,6 +116,10 @@ def regimes(family: str, dtype: str) -> list[tuple[str, float | None]]:
             ("extreme-logvar", None),
             ("high-dim", None),
         ]
+    if family == "lowrank":
+        return base + [("stiff-diagonal", d) for d in (1e-3, 1e-9) if d >= 4 * eps] + [
+            ("full-rank", None), ("high-dim", None), ("ill-conditioned", LIMITS[dtype]["cond"][0]),
+            ("aligned-diagonal", LIMITS[dtype]["cond"][0])]
     return base + [("ill-conditioned", c) for c in LIMITS[dtype]["cond"]]
 
 
@@ -132,8 +144,9 @@ def sweep_specs(family: str, dtype: str, sweep: str = "quick") -> list[tuple[str
     if sweep == "conditioning":
         if not families.get(family).full:
             return []
-        cap = LIMITS[dtype]["max_cond_tril" if family == "tril" else "max_cond"]
-        return [("ill-conditioned", c, None) for c in CONDITIONING if c <= cap]
+        cap = LIMITS[dtype]["max_cond" if family == "cov" else "max_cond_tril"]  # factors carry cond(S_q) exactly
+        conditioned = [("ill-conditioned", c, None) for c in CONDITIONING if c <= cap]
+        return conditioned + [("aligned-diagonal", c, None) for c in CONDITIONING if 1 < c <= cap and family == "lowrank"]
     return [("high-dim", None, k) for k in DIMENSION[family]]
 
 
@@ -155,6 +168,8 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
     cond = None
     if fam.args[-1].kind == COV:
         cond = np.linalg.cond(arrays[-1])
+    elif fam.args[-1].kind == VARIANCE:  # S_q = W W^T + diag(d), formed in float64
+        cond = np.linalg.cond(arrays[-2] @ np.swapaxes(arrays[-2], -1, -2) + arrays[-1][..., None] * np.eye(k))
     elif fam.args[-1].kind == FACTOR:  # cond(L L^T) = cond(L)^2, without forming L L^T
         cond = np.linalg.cond(np.tril(arrays[-1])) ** 2
     return CaseSet(family, regime, param, dtype, k, seed, arrays, cond)
@@ -307,10 +322,40 @@ def _full(rng, regime, param, dtype, n, k, family):
     return (mu_p, s_p, mu_q, s_q)
 
 
+def _lowrank(rng, regime, param, dtype, n, k):
+    """Means, factors (n, k, r) and diagonals of p and q (see the module docstring)."""
+    r = k if regime == "full-rank" else LOW_RANK
+    mu_q, w_q, d_q = rng.normal(size=(n, k)), rng.normal(size=(n, k, r)), np.exp(rng.uniform(-1, 1, (n, k)))
+    if regime == "high-dim":  # column j of W lives on coordinates 4j .. 4j+3: blocks of 4 and single coordinates
+        w_q = w_q * (np.arange(k)[:, None] // BLOCK == np.arange(r)[None, :])
+    elif regime == "stiff-diagonal":
+        d_q = 10.0 ** rng.uniform(-6 if dtype in ("float64", "float32") else -3, 0, (n, k))
+    elif regime == "ill-conditioned":  # D^1/2 (I + G G^T) D^1/2, D spread over 1 .. 1/cond
+        d_q = np.array([rng.permutation(v) for v in _spectrum(np.full(n, param), k)])
+        w_q = 0.5 * w_q * np.sqrt(d_q)[..., None]
+    elif regime == "aligned-diagonal":  # a factor of size a on the first r coordinates: cond(S_q) about a^2 e
+        w_q = np.sqrt(param / np.e) * np.eye(k, r) + 0.01 * w_q
+    if regime == "equal":
+        return (mu_q, w_q, d_q, mu_q, w_q, d_q)
+    if regime == "generic":
+        return (rng.normal(size=(n, k)), rng.normal(size=(n, k, r)), np.exp(rng.uniform(-1, 1, (n, k))), mu_q, w_q, d_q)
+    if regime == "aligned-diagonal":
+        d_p = d_q * np.where(np.arange(k) < r, 1 + 1e-3 * rng.uniform(-1, 1, (n, k)), 1.0)
+        return (mu_q, w_q, d_p, mu_q, w_q, d_q)
+    delta = {"near-equal": param, "stiff-diagonal": param, "full-rank": 1e-6}.get(regime, 1e-2)
+    if regime == "high-dim":  # near-equal and far-apart blocks, mixed
+        delta = np.where(np.arange(k) // BLOCK % 2 == 0, 1e-3, 0.9)
+    delta = np.broadcast_to(delta, (k,))  # per coordinate
+    mu_p = mu_q + delta * rng.uniform(-1, 1, (n, k)) * np.sqrt(d_q)
+    w_p = w_q * (1 + delta[:, None] * rng.uniform(-1, 1, (n, k, r)))
+    return (mu_p, w_p, d_q * (1 + delta * rng.uniform(-1, 1, (n, k))), mu_q, w_q, d_q)
+
+
 _GENERATORS = {
     "normal": _normal,
     "diag": lambda *a: _diag_like(*a, family="diag"),
     "vae": lambda *a: _diag_like(*a, family="vae"),
     "tril": lambda *a: _full(*a, family="tril"),
     "cov": lambda *a: _full(*a, family="cov"),
+    "lowrank": _lowrank,
 }

@@ -198,7 +198,7 @@ def allowances(case: cases.CaseSet, ours_ulps: np.ndarray, max_ulps: float | Non
     full = families.get(case.family).full
     if max_ulps is not None:
         return np.full(case.n, float(max_ulps)) + (conds if full else 0.0)
-    promised = [bounds.ulp_bound(case.family, case.dtype, case.k, c if full else None) for c in conds]
+    promised = [bounds.ulp_bound(case.family, case.dtype, case.k, c if full else None, case.regime) for c in conds]
     unpromised = np.maximum(OURS_FACTOR * ours_ulps, UNPROMISED_FLOOR) + conds
     return np.array([u if b is None else b for b, u in zip(promised, unpromised)], dtype=float)
 

@@ -8,6 +8,7 @@ Exact gradients, for d = mu_p - mu_q and symmetric matrix arguments:
 - vae:    dmu = mu, dl = (e^l - 1) / 2
 - cov:    dS_p = (S_q^-1 - S_p^-1) / 2, dS_q = (S_q^-1 - S_q^-1 (S_p + d d^T) S_q^-1) / 2, dmu_p = S_q^-1 d
 - tril:   dL = tril(2 dS L) for each factor, with dS the covariance gradient above.
+- lowrank: dW = 2 dS W and dd = diag(dS) for S = W W^T + diag(d).
 dmu_q = -dmu_p throughout. A covariance matrix is symmetric, so a framework's gradient with respect
 to it is only defined up to its antisymmetric part: it is symmetrised before comparison.
 
@@ -28,7 +29,18 @@ import pandas as pd
 from .. import families
 from . import cases, metrics
 from .accuracy import row
-from .reference import MAX_PREC, START_PREC, as_mp, differences, is_exactly_zero, rational, rational_matrix, rationals, symmetric_matrix
+from .reference import (
+    MAX_PREC,
+    START_PREC,
+    as_mp,
+    differences,
+    is_exactly_zero,
+    low_rank_covariance,
+    rational,
+    rational_matrix,
+    rationals,
+    symmetric_matrix,
+)
 from .subjects import available, describe
 
 CERTIFIED_BITS = 70  # each element of an exact gradient, relative
@@ -73,6 +85,17 @@ def _rational_tril(mu_p, tril_p, mu_q, tril_q):
     return [_flat(g_mu), _flat(g_p * l_p * two, True), [-v for v in _flat(g_mu)], _flat(g_q * l_q * two, True)]
 
 
+def _rational_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    s_p, s_q = low_rank_covariance(w_p, d_p, "cov_diag_p"), low_rank_covariance(w_q, d_q, "cov_diag_q")
+    g_mu, g_p, g_q = _covariance_gradients(mu_p, s_p, mu_q, s_q)
+    two = rational(2.0)
+
+    def factor_and_diagonal(g, w):
+        return _flat(g * rational_matrix(w) * two), [g[i, i] for i in range(g.nrows())]
+
+    return [_flat(g_mu), *factor_and_diagonal(g_p, w_p), [-v for v in _flat(g_mu)], *factor_and_diagonal(g_q, w_q)]
+
+
 def _balls_vae(mu, logvar):
     from flint import arb
 
@@ -92,7 +115,7 @@ def _balls_diag(mu_p, l_p, mu_q, l_q):
     return out
 
 
-RATIONAL = {"normal": _rational_normal, "tril": _rational_tril, "cov": _rational_cov}
+RATIONAL = {"normal": _rational_normal, "tril": _rational_tril, "cov": _rational_cov, "lowrank": _rational_lowrank}
 BALLS = {"vae": _balls_vae, "diag": _balls_diag}
 
 

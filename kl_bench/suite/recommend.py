@@ -34,6 +34,7 @@ _PYRO_STYLE = {
     "vae": "Independent(Normal(loc, exp(logvar / 2)), 1) against a standard normal",
     "tril": "MultivariateNormal(loc, scale_tril=L)",
     "cov": "MultivariateNormal(loc, covariance_matrix=S)",
+    "lowrank": "LowRankMultivariateNormal(loc, cov_factor=W, cov_diag=d)",
 }
 DISTRIBUTIONS = {  # per implementation and family (as subjects.py builds them)
     "torch.distributions": _PYRO_STYLE,
@@ -49,7 +50,8 @@ DISTRIBUTIONS = {  # per implementation and family (as subjects.py builds them)
     "gpytorch": {"diag": "MultivariateNormal(loc, DiagLinearOperator(exp(logvar)))",
                  "vae": "MultivariateNormal(loc, DiagLinearOperator(exp(logvar))) against a standard normal",
                  "tril": "MultivariateNormal(loc, CholLinearOperator(TriangularLinearOperator(L)))",
-                 "cov": "MultivariateNormal(loc, S)"},
+                 "cov": "MultivariateNormal(loc, S)",
+                 "lowrank": "MultivariateNormal(loc, LowRankRootAddedDiagLinearOperator(LowRankRootLinearOperator(W), DiagLinearOperator(d)))"},
 }
 
 

@@ -1,6 +1,6 @@
 """Certified references: the exact KL of the distributions that float64 inputs define.
 
-The five functions mirror ``kl_bench.kl_*`` (same arguments, NumPy-style broadcasting) for float64
+The public functions mirror ``kl_bench.kl_*`` (same arguments, NumPy-style broadcasting) for float64
 inputs and return mpmath numbers (an object array of them for a batch). Each value is certified
 (docs/design.md, "References"): every float input is read as the exact binary number it is; the
 rational part of the KL (squares, quadratic forms, traces, exact triangular solves and LDL^T
@@ -121,7 +121,16 @@ def mp_cov(mu_p, cov_p, mu_q, cov_q):
     return _mp_full(mu_p, mu_q, factor_q, trace, logdet_p)
 
 
-MP_FUNCTIONS = {"normal": mp_normal, "diag": mp_diag, "vae": mp_vae, "tril": mp_tril, "cov": mp_cov}
+def mp_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    """The covariances W W^T + diag(d) formed at the working precision, then mp_cov."""
+    def covariance(w, d):
+        return [[mpmath.fsum(a * b for a, b in zip(w[i], w[j])) + (d[i] if i == j else 0) for j in range(len(d))]
+                for i in range(len(d))]
+
+    return mp_cov(mu_p, covariance(w_p, d_p), mu_q, covariance(w_q, d_q))
+
+
+MP_FUNCTIONS = {"normal": mp_normal, "diag": mp_diag, "vae": mp_vae, "tril": mp_tril, "cov": mp_cov, "lowrank": mp_lowrank}
 
 
 def to_mp(x: np.ndarray):
@@ -228,10 +237,10 @@ def _positive(x, name):
 
 
 def rational_matrix(a: np.ndarray):
+    """A float matrix as the exact rational matrix it is (fmpq_mat)."""
     from flint import fmpq_mat
 
-    k = a.shape[-1]
-    return fmpq_mat(k, k, rationals(a))
+    return fmpq_mat(*a.shape, rationals(a))
 
 
 def _solve(a, columns: list[np.ndarray | object]):
@@ -285,9 +294,13 @@ def symmetric_matrix(m: np.ndarray):
 
 
 def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
-    k = cov_p.shape[-1]
-    s_p, s_q = symmetric_matrix(cov_p), symmetric_matrix(cov_q)
-    pivots_p, pivots_q = ldl_pivots(s_p, "cov_p"), ldl_pivots(s_q, "cov_q")
+    return _terms_of_covariances(mu_p, symmetric_matrix(cov_p), mu_q, symmetric_matrix(cov_q))
+
+
+def _terms_of_covariances(mu_p, s_p, mu_q, s_q, names=("cov_p", "cov_q")) -> Terms:
+    """The KL's terms from exact rational covariance matrices (fmpq_mat)."""
+    k = s_p.nrows()
+    pivots_p, pivots_q = ldl_pivots(s_p, names[0]), ldl_pivots(s_q, names[1])
     dmu = differences(mu_p, mu_q)
     solved = _solve(s_q, [[s_p[i, j] for i in range(k)] for j in range(k)] + [dmu])  # S_q^-1 [S_p | dmu]
     ratios = [p / q for p, q in zip(pivots_p, pivots_q)]  # det S_p / det S_q = prod ratios
@@ -297,7 +310,25 @@ def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
     return Terms(rational=rest + quad, psi=[r - 1 for r in ratios])
 
 
-TERMS = {"normal": _terms_normal, "diag": _terms_diag, "vae": _terms_vae, "tril": _terms_tril, "cov": _terms_cov}
+def low_rank_covariance(w: np.ndarray, d: np.ndarray, name: str):
+    """W W^T + diag(d) as an exact rational matrix (fmpq_mat)."""
+    from flint import fmpq_mat
+
+    k = len(d)
+    diagonal = rationals(d)
+    if any(v <= 0 for v in diagonal):
+        raise ValueError(f"{name} must be positive")
+    factor = rational_matrix(w)
+    return factor * factor.transpose() + fmpq_mat(k, k, [diagonal[i] if i == j else 0 for i in range(k) for j in range(k)])
+
+
+def _terms_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q) -> Terms:
+    s_p, s_q = low_rank_covariance(w_p, d_p, "cov_diag_p"), low_rank_covariance(w_q, d_q, "cov_diag_q")
+    return _terms_of_covariances(mu_p, s_p, mu_q, s_q)
+
+
+TERMS = {"normal": _terms_normal, "diag": _terms_diag, "vae": _terms_vae, "tril": _terms_tril, "cov": _terms_cov,
+         "lowrank": _terms_lowrank}
 
 
 def _nearest(man: int, exp: int) -> float:
@@ -350,8 +381,8 @@ def terms(family: str, parts) -> Terms:
     splits into independent blocks are prepared block by block (the KL is the sum)."""
     if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
         total = Terms(rational=rational(0))
-        for b in blocks:
-            total += TERMS[family](*[p[b] if p.ndim == 1 else p[np.ix_(b, b)] for p in parts])
+        for b in blocks:  # a k x r factor keeps its r columns (those of other blocks are 0 in it)
+            total += TERMS[family](*[p[np.ix_(b, b)] if p.ndim == 2 and family != "lowrank" else p[b] for p in parts])
         return total
     return TERMS[family](*parts)
 
@@ -384,9 +415,10 @@ def _infinite_limit(family: str, parts) -> mpmath.mpf:
     fam = families.TABLE[family]
     with np.errstate(all="ignore"):
         if fam.full:
-            if any(not np.isfinite(p).all() for p, a in zip(parts, fam.args) if a.core_ndim == 2):
+            if any(not np.isfinite(p).all() for p, a in zip(parts, fam.args) if a.kind != families.LOC):
                 return mpmath.mpf("nan")
-            terms = [parts[0] - parts[2]]
+            half = len(parts) // 2
+            terms = [parts[0] - parts[half]]
         elif family == "vae":
             terms = [np.inf]
         elif family == "normal":
@@ -405,10 +437,10 @@ def is_exactly_zero(family: str, parts) -> bool:
     """KL is exactly 0 when p and q are the same distribution, bit for bit."""
     if family == "vae":
         return not np.any(parts[0]) and not np.any(parts[1])
-    mu_p, a, mu_q, b = parts
+    half = len(parts) // 2
     if families.TABLE[family].of_kind(families.FACTOR):  # only the lower triangle counts
-        a, b = np.tril(a), np.tril(b)
-    return np.array_equal(mu_p, mu_q) and np.array_equal(a, b)
+        parts = [np.tril(p) if p.ndim == 2 else p for p in parts]
+    return all(np.array_equal(a, b) for a, b in zip(parts[:half], parts[half:]))
 
 
 def coupled_blocks(family: str, parts) -> list[np.ndarray]:
@@ -418,7 +450,13 @@ def coupled_blocks(family: str, parts) -> list[np.ndarray]:
     sum of the blocks' KLs."""
     from scipy.sparse.csgraph import connected_components
 
-    pattern = (parts[1] != 0) | (parts[3] != 0)
+    if family == "lowrank":  # W W^T + diag(d): coordinates coupled through a shared column of W
+        pattern = np.eye(len(parts[0]), dtype=bool)
+        for w in (parts[1], parts[4]):
+            used = (w != 0).astype(int)
+            pattern |= (used @ used.T) > 0
+    else:
+        pattern = (parts[1] != 0) | (parts[3] != 0)
     if families.TABLE[family].of_kind(families.FACTOR):
         pattern = np.tril(pattern)
     count, labels = connected_components(pattern, directed=False)
@@ -553,9 +591,9 @@ def certificates(family: str, *args, cache: Cache | None | bool = True):
         arrays = list(np.broadcast_arrays(*arrays))
         batch = arrays[0].shape[: arrays[0].ndim - core[0]]
     else:
-        k = arrays[1].shape[-1]
+        k = arrays[1].shape[-2]
         batch = np.broadcast_shapes(*(a.shape[: a.ndim - c] if c else a.shape for a, c in zip(arrays, core)))
-        arrays = [np.broadcast_to(a, batch + (k,) * c) for a, c in zip(arrays, core)]
+        arrays = [np.broadcast_to(a, batch + ((k,) if c == 1 else (k, a.shape[-1]))) for a, c in zip(arrays, core)]
     store = default_cache() if cache is True else (cache or None)
     out = np.empty(batch, dtype=object)
     for index in np.ndindex(*batch):
@@ -591,3 +629,7 @@ def kl_tril(loc_p, tril_p, loc_q, tril_q, *, cache=True):
 
 def kl_cov(loc_p, cov_p, loc_q, cov_q, *, cache=True):
     return evaluate("cov", loc_p, cov_p, loc_q, cov_q, cache=cache)
+
+
+def kl_lowrank(loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q, *, cache=True):
+    return evaluate("lowrank", loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q, cache=cache)

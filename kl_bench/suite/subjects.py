@@ -157,7 +157,8 @@ def _with_kernel(fn, kernel):
 @dataclass(frozen=True)
 class TorchDistributions(Subject):
     """``torch.distributions.kl_divergence``; method "" uses Normal / Independent(Normal) /
-    MultivariateNormal, method "LowRank" uses LowRankMultivariateNormal (diagonal families)."""
+    MultivariateNormal / LowRankMultivariateNormal, method "LowRank" uses LowRankMultivariateNormal
+    for the diagonal families."""
 
     backend: str = "torch"
     method: str = ""
@@ -172,13 +173,16 @@ class TorchDistributions(Subject):
         return functools.partial(_torch_distributions, family, self.method == "LowRank")
 
 
-def _by_distributions(family, args, *, normal, diagonal, full, kl, zeros_like):
+def _by_distributions(family, args, *, normal, diagonal, full, kl, zeros_like, low_rank=None):
     """Build p and q with a library's distribution classes and call its KL: ``normal(loc, scale)``,
     ``diagonal(loc, logvar)`` its diagonal Gaussian, ``full(loc, kind, matrix)`` its full-covariance
-    one (kind "scale_tril" or "covariance_matrix"); the VAE term is the diagonal family against N(0, I)."""
+    one (kind "scale_tril" or "covariance_matrix"), ``low_rank(loc, factor, diagonal)`` its
+    W W^T + diag(d) one; the VAE term is the diagonal family against N(0, I)."""
     if family == "vae":
         loc, logvar = args
         args, family = (loc, logvar, zeros_like(loc), zeros_like(logvar)), "diag"
+    if family == "lowrank":
+        return kl(low_rank(*args[:3]), low_rank(*args[3:]))
     mu_p, a, mu_q, b = args
     if family == "normal":
         return kl(normal(mu_p, a), normal(mu_q, b))
@@ -199,7 +203,7 @@ def _torch_distributions(family, low_rank, *args):
         return Independent(Normal(loc, torch.exp(0.5 * logvar)), 1)
 
     return _by_distributions(family, args, normal=Normal, diagonal=diagonal, kl=kl_divergence, zeros_like=torch.zeros_like,
-                             full=lambda loc, kind, m: MultivariateNormal(loc, **{kind: m}))
+                             full=lambda loc, kind, m: MultivariateNormal(loc, **{kind: m}), low_rank=LowRankMultivariateNormal)
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ class Numpyro(Subject):
 
     implementation = "numpyro"
     requires = ("numpyro",)
+    family_names = tuple(f for f in families.NAMES if f != "lowrank")  # no KL for its LowRankMultivariateNormal
 
     def function(self, family):
         return functools.partial(_numpyro, family)
@@ -235,6 +240,7 @@ class TFP(Subject):
 
     implementation = "tfp"
     requires = ("tensorflow_probability",)
+    family_names = tuple(f for f in families.NAMES if f != "lowrank")  # no KL for MultivariateNormalDiagPlusLowRankCovariance
 
     def function(self, family):
         return functools.partial(_tfp, family)
@@ -311,14 +317,15 @@ def _pyro(family, *args):
 class GPyTorch(Subject):
     """GPyTorch's ``MultivariateNormal`` and its KL (``kl_mvn_mvn``, the variational GP's), with
     the covariance as a linear operator: diagonal (``DiagLinearOperator``), from a Cholesky factor
-    (``CholLinearOperator``) or dense."""
+    (``CholLinearOperator``), low rank plus diagonal (``LowRankRootAddedDiagLinearOperator``) or
+    dense."""
 
     backend: str = "torch"
     method: str = ""
 
     implementation = "gpytorch"
     requires = ("gpytorch",)
-    family_names = ("diag", "vae", "tril", "cov")
+    family_names = ("diag", "vae", "tril", "cov", "lowrank")
 
     def function(self, family):
         return functools.partial(_gpytorch, family)
@@ -327,13 +334,23 @@ class GPyTorch(Subject):
 def _gpytorch(family, *args):
     import torch
     from gpytorch.distributions import MultivariateNormal
-    from linear_operator.operators import CholLinearOperator, DiagLinearOperator, TriangularLinearOperator
+    from linear_operator.operators import (
+        CholLinearOperator,
+        DiagLinearOperator,
+        LowRankRootAddedDiagLinearOperator,
+        LowRankRootLinearOperator,
+        TriangularLinearOperator,
+    )
 
     def full(loc, kind, m):
         return MultivariateNormal(loc, CholLinearOperator(TriangularLinearOperator(m)) if kind == "scale_tril" else m)
 
+    def low_rank(loc, factor, diagonal):
+        return MultivariateNormal(loc, LowRankRootAddedDiagLinearOperator(LowRankRootLinearOperator(factor), DiagLinearOperator(diagonal)))
+
     return _by_distributions(family, args, normal=None, kl=torch.distributions.kl_divergence, zeros_like=torch.zeros_like,
-                             diagonal=lambda loc, logvar: MultivariateNormal(loc, DiagLinearOperator(torch.exp(logvar))), full=full)
+                             diagonal=lambda loc, logvar: MultivariateNormal(loc, DiagLinearOperator(torch.exp(logvar))), full=full,
+                             low_rank=low_rank)
 
 
 @dataclass(frozen=True)
@@ -374,7 +391,15 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
     return textbook_cov(mu_p, l_p @ np.swapaxes(l_p, -1, -2), mu_q, l_q @ np.swapaxes(l_q, -1, -2))
 
 
-TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov}
+def textbook_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
+    def covariance(w, d):
+        return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
+
+    return textbook_cov(mu_p, covariance(w_p, d_p), mu_q, covariance(w_q, d_q))
+
+
+TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov,
+            "lowrank": textbook_lowrank}
 
 
 FUSED = tuple(accel.REGISTRY)  # the accelerated kernels' modes: stable only

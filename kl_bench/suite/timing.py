@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import backends, families
-from ..families import COV, FACTOR, LOC, LOGVAR, SCALE
+from ..families import COV, FACTOR, LOC, LOGVAR, LOW_RANK, SCALE, VARIANCE
 from . import cases
 from .subjects import Subject, available, describe, labels
 
@@ -47,7 +47,9 @@ def inputs(family: str, batch: int, k: int, seed: int = 0) -> list[np.ndarray]:
     fam, rng = families.get(family), np.random.default_rng(seed)
     if fam.full:
         spd = (cases.random_spd(rng, np.exp(rng.uniform(-1, 1, size=(batch, k)))) for _ in fam.of_kind(FACTOR, COV))
-        make = {LOC: lambda: rng.normal(size=(batch, k)), FACTOR: lambda: np.linalg.cholesky(next(spd)), COV: lambda: next(spd)}
+        make = {LOC: lambda: rng.normal(size=(batch, k)), FACTOR: lambda: np.linalg.cholesky(next(spd)), COV: lambda: next(spd),
+                LOW_RANK: lambda: rng.normal(size=(batch, k, TIMING_RANK)) / np.sqrt(TIMING_RANK),
+                VARIANCE: lambda: np.exp(rng.uniform(-1, 1, size=(batch, k)))}
     else:
         shape = (batch * k,) if fam.elementwise else (batch, k)
         make = {LOC: lambda: rng.normal(size=shape), SCALE: lambda: np.exp(rng.normal(size=shape) / 2),
@@ -60,7 +62,7 @@ def input_bytes(family: str, batch: int, k: int, dtype: str, largest_only: bool 
     of the largest argument)."""
     fam = families.get(family)
     count = batch * k if fam.elementwise else batch
-    sizes = [k**core for core in fam.core_ndims]
+    sizes = [k * TIMING_RANK if a.kind == LOW_RANK else k**a.core_ndim for a in fam.args]
     per_element = max(sizes) if largest_only else sum(sizes)
     return count * per_element * (8 if dtype == "float64" else 4 if dtype == "float32" else 2)
 
@@ -68,7 +70,10 @@ def input_bytes(family: str, batch: int, k: int, dtype: str, largest_only: bool 
 def nominal_flops(family: str, batch: int, k: int) -> float | None:
     """Floating-point operations of the full-covariance kernels (k^3 for a triangular solve with
     k right-hand sides; cov has two of them, two Cholesky factorisations and the shifted
-    Cholesky recurrence, k^3 / 3 each: 3 k^3 in all); None for the elementwise families."""
+    Cholesky recurrence, k^3 / 3 each: 3 k^3 in all; lowrank nine products of an r x k by a k x r
+    matrix, 18 k r^2); None for the elementwise families."""
+    if family == "lowrank":
+        return 18.0 * batch * k * TIMING_RANK**2
     return {"tril": 1.0, "cov": 3.0}.get(family, 0.0) * batch * float(k) ** 3 or None
 
 
@@ -222,20 +227,24 @@ COLUMNS = ["family", "subject", "implementation", "backend", "device", "dtype", 
 _FULL_KS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # (B, k) from tiny (per-call overhead) to memory-bound; the full-covariance families at batch 16.
 SHAPES = {
-    "quick": {"diagonal": ((1, 64), (4096, 64), (2048, 4096)), "full": ((16, 2), (16, 32), (16, 256))},
+    "quick": {"diagonal": ((1, 64), (4096, 64), (2048, 4096)), "full": ((16, 2), (16, 32), (16, 256)),
+              "lowrank": ((8, 256), (8, 4096))},
     "full": {"diagonal": ((1, 64), (64, 64), (4096, 64), (256, 4096), (2048, 4096), (4096, 4096)),
-             "full": tuple((16, k) for k in _FULL_KS)},
+             "full": tuple((16, k) for k in _FULL_KS), "lowrank": tuple((8, k) for k in (64, 256, 1024, 4096, 16384))},
 }
+TIMING_RANK = 16  # r of the lowrank family's timed factors
 
 
 def shapes(family: str, sweep: str = "quick") -> tuple[tuple[int, int], ...]:
     """The (B, k) that ``sweep`` times ``family`` at."""
+    if family in SHAPES[sweep]:
+        return SHAPES[sweep][family]
     return SHAPES[sweep]["full" if families.get(family).full else "diagonal"]
 
 
 def default_dtypes(family: str) -> tuple[str, ...]:
-    """float32 for the diagonal families (where models use it), float64 for full covariances."""
-    return ("float64",) if families.get(family).full else ("float32",)
+    """float32 for the diagonal and low-rank families (where models use them), float64 for full covariances."""
+    return ("float64",) if families.get(family).full and family != "lowrank" else ("float32",)
 
 
 def timed(subject: Subject) -> bool:

@@ -1,0 +1,64 @@
+"""kl_lowrank against torch.distributions' LowRankMultivariateNormal KL on identical inputs, timed
+in one run with the calls interleaved (this machine's load drifts), float32 on the CPU.
+
+    python benchmarks/lowrank_speed.py > reports/lowrank-speed.md
+"""
+
+import platform
+import time
+
+import numpy as np
+import torch
+from torch.distributions import LowRankMultivariateNormal, kl_divergence
+
+import kl_bench
+
+SHAPES = [(8, 4096, 16), (8, 1024, 16), (8, 4096, 4), (8, 4096, 64), (64, 256, 8)]  # (B, k, r); the first is the reference shape
+ROUNDS = 40
+
+
+def inputs(batch, k, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        return (torch.randn(batch, k, generator=g), torch.randn(batch, k, r, generator=g) / r**0.5,
+                torch.rand(batch, k, generator=g) + 0.5)
+
+    return one() + one()
+
+
+def interleaved(functions, rounds=ROUNDS):
+    """Median seconds of each function, called in turn ``rounds`` times after two untimed calls."""
+    for f in functions.values():
+        f(), f()
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, f in functions.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main():
+    print("# kl_lowrank against torch.distributions, float32, CPU\n")
+    print("Produced by `python benchmarks/lowrank_speed.py > reports/lowrank-speed.md`: median of "
+          f"{ROUNDS} interleaved calls each, on identical inputs (torch tensors; kl_bench validates them, "
+          "torch.distributions does not by default).\n")
+    print("| B | k | r | torch.distributions | kl_lowrank (stable) | stable / torch | kl_lowrank (naive) |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, k, r in SHAPES:
+        a = inputs(batch, k, r)
+        t = interleaved({
+            "torch": lambda: kl_divergence(LowRankMultivariateNormal(*a[:3]), LowRankMultivariateNormal(*a[3:])),
+            "stable": lambda: kl_bench.kl_lowrank(*a),
+            "naive": lambda: kl_bench.kl_lowrank(*a, method="naive"),
+        })
+        print(f"| {batch} | {k} | {r} | {t['torch'] * 1e3:.2f} ms | {t['stable'] * 1e3:.2f} ms | "
+              f"{t['stable'] / t['torch']:.2f} | {t['naive'] * 1e3:.2f} ms |")
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, Torch {torch.__version__}; "
+          "no GPU was available for these figures.")
+
+
+if __name__ == "__main__":
+    main()
