@@ -51,10 +51,10 @@ def _choices(kind, allowed):
     return parse
 
 
-def _selection(parser, methods=True, backend_names=True):
+def _selection(parser, methods=True, backend_names=True, family_names=FAMILIES):
     if backend_names:
         parser.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
-    parser.add_argument("--families", type=_choices("family", FAMILIES), help="comma-separated (default: all)")
+    parser.add_argument("--families", type=_choices("family", family_names), help="comma-separated (default: all)")
     parser.add_argument("--dtypes", type=_choices("dtype", FLOAT_DTYPES), help="comma-separated (default: all)")
     if methods:
         parser.add_argument("--methods", type=_choices("method", METHODS), default=list(METHODS), help="this project's methods, comma-separated")
@@ -81,7 +81,7 @@ def _add_run(sub):
         "(report.md, report.html with plots) to DIR, prints the worst error in ulps per regime, and exits 1 if "
         "a stable kernel misses its bound.",
     )
-    _selection(run, methods=False)
+    _selection(run, methods=False, family_names=(*FAMILIES, runner.MIXTURE))  # mixtures: kl_mixture's sweep
     size = run.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="the quick sweeps (default; 2.5 to 3.5 minutes on 2 cores with every backend and a cold reference cache)")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import families
 from ..backends import FLOAT_DTYPES
-from . import tables
+from . import mixtures, tables
 
 PLOTS = {
     "error-vs-closeness": "Worst error (ulps, {dtype}) versus closeness of p and q",
@@ -164,6 +164,13 @@ def sections(frames: dict[str, pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
     if tim is not None and len(tim):
         out.append(("Speed: the stable kernel per shape and backend (ms; stable / textbook on the same backend and mode; "
                     "torch.distributions / stable on the same device; GB/s; fraction of the ceiling)", tables.speed_table(tim)))
+    mix = frames.get("mixture")
+    if mix is not None and len(mix):
+        out.append(("Gaussian mixtures, kl_mixture (APPROXIMATE: no closed form; the reference is a quadrature in 1 and 2 "
+                    "dimensions and a Monte-Carlo run above; errors are absolute, in nats; mc_z is the Monte-Carlo "
+                    "estimate's error in standard errors; widest_bracket: upper - lower; bracketed: the share of cases "
+                    "whose reference the bounds held)",
+                    mixtures.summary(mix).set_index(["k", "m"])))
     return out
 
 

@@ -1,7 +1,8 @@
 """The main job: accuracy and timing sweeps split into cells, each stored as it finishes.
 
 A cell is one (kind, family, dtype, part): an accuracy cell runs every subject on the case sets of
-one sweep part ("quick", "closeness", ...), a timing cell times every subject at one shape. Cells
+one sweep part ("quick", "closeness", ...), a timing cell times every subject at one shape, the
+mixture cell runs ``kl_mixture``'s sweep (``suite/mixtures.py``; approximate by nature). Cells
 are independent: accuracy cells run serially, in ``--jobs`` processes or on a Dask cluster
 (``--scheduler``); timing cells run in this process one at a time. Each is written atomically to ``DIR/cells/<name>.parquet`` when it
 finishes. A run started again with the same directory reuses every cell file that reads back
@@ -26,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import backends, families
-from . import accuracy, timing
+from . import accuracy, mixtures, timing
 from .subjects import available
 
 # What --quick and --full measure: accuracy sweep parts, and timing shapes (timing.SHAPES).
@@ -35,11 +36,12 @@ PLANS = {
     "full": {"accuracy": ("full",), "timing": "full", "compiled": True},
 }
 RUNS_DIR = Path("reports") / "runs"
+MIXTURE = "mixture"  # the cell (and --families name) of kl_mixture's sweep (suite/mixtures.py)
 
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str  # "accuracy" or "timing"
+    kind: str  # "accuracy", "timing" or "mixture"
     family: str
     dtype: str
     part: str  # the sweep part (accuracy) or "BxK" (timing)
@@ -53,12 +55,15 @@ def plan(mode: str = "quick", family_names=None, dtypes=None) -> list[Cell]:
     """Every cell of a run, in the order they are started."""
     spec = PLANS[mode]
     cells = []
-    for family in family_names or families.NAMES:
+    chosen = [f for f in family_names or families.NAMES if f != MIXTURE]
+    for family in chosen:
         for dtype in dtypes or backends.FLOAT_DTYPES:
             cells += [Cell("accuracy", family, dtype, part) for part in spec["accuracy"]]
-    for family in family_names or families.NAMES:
+    for family in chosen:
         for dtype in [d for d in timing.default_dtypes(family) if not dtypes or d in dtypes]:
             cells += [Cell("timing", family, dtype, f"{b}x{k}") for b, k in timing.shapes(family, spec["timing"])]
+    if (family_names is None or MIXTURE in family_names) and (not dtypes or "float64" in dtypes):
+        cells.append(Cell(MIXTURE, MIXTURE, "float64", mode))
     return cells
 
 
@@ -69,6 +74,8 @@ def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.Data
     if cell.kind == "accuracy":
         subjects = available(backend_names, compiled=compiled)
         return accuracy.accuracy_sweep([cell.family], subjects, [cell.dtype], cell.part, seed, progress=False)
+    if cell.kind == MIXTURE:
+        return mixtures.mixture_sweep(cell.part, seed, progress=False)
     batch, k = (int(v) for v in cell.part.split("x"))
     subjects = timing.default_subjects(backend_names, compiled)
     # An interrupted cell must not be stored as finished: the interrupt goes through.
@@ -91,7 +98,8 @@ def record(cell: Cell, backend_names, compiled: bool, seed: int) -> dict:
     from .. import __version__
     from .reference import REFERENCE_VERSION
 
-    subjects = available(backend_names, compiled=compiled) if cell.kind == "accuracy" else timing.default_subjects(backend_names, compiled)
+    subjects = {"accuracy": lambda: available(backend_names, compiled=compiled), MIXTURE: list,
+                "timing": lambda: timing.default_subjects(backend_names, compiled)}[cell.kind]()
     return {"format": CELL_FORMAT, "cell": cell.name, "seed": seed, "compiled": compiled,
             "subjects": sorted(s.name for s in subjects), "kl_bench": __version__, "reference": REFERENCE_VERSION,
             "versions": _versions()}
@@ -262,9 +270,9 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
 
 
 def frames(results: dict) -> dict[str, pd.DataFrame]:
-    """The tidy tables of a run, in plan order: accuracy and timing."""
+    """The tidy tables of a run, in plan order: accuracy, timing and mixture."""
     out = {}
-    for kind, columns in (("accuracy", accuracy.COLUMNS), ("timing", timing.COLUMNS)):
+    for kind, columns in (("accuracy", accuracy.COLUMNS), ("timing", timing.COLUMNS), (MIXTURE, mixtures.COLUMNS)):
         parts = [df for cell, df in results.items() if cell.kind == kind and len(df)]
         out[kind] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     return out
