@@ -540,10 +540,6 @@ def _solve_gram(be, factor, b):
     return be.xp.linalg.solve(be.xp.matrix_transpose(factor), be.solve_triangular(factor, b))
 
 
-def _split(a, r):
-    return a[..., :r], a[..., r:]
-
-
 # g(K) = sum_{n>=2} (-1)^n tr(K^n) / n where the spectral radius is below 1/2: terms to 2^-55 (2^-26).
 _LOG_SERIES_TERMS = {"float64": 55, "float32": 26}
 

@@ -1,5 +1,8 @@
 """Subjects and accuracy sweeps: everyone on identical inputs, one tidy DataFrame."""
 
+import importlib.metadata
+import re
+
 import mpmath
 import numpy as np
 import pandas as pd
@@ -150,6 +153,9 @@ def test_a_jax_subject_switches_float64_on_for_its_own_calls_only():
     np.testing.assert_allclose(values, exact, rtol=1e-14)  # computed in float64, not float32
 
 
+EXTRAS = importlib.metadata.metadata("kl-bench").get_all("Provides-Extra")
+
+
 def test_recommend_has_a_line_of_code_for_every_subject_and_family():
     from kl_bench.suite import recommend
 
@@ -160,3 +166,5 @@ def test_recommend_has_a_line_of_code_for_every_subject_and_family():
             assert line and "{" not in line, (s.name, family)
             if not s.ours and s.implementation != "textbook":
                 assert recommend.DISTRIBUTIONS[s.implementation][family] in line, (s.name, family)
+            for extra in re.findall(r'kl-bench\[(\w+)\]', line):  # an extra that pyproject.toml defines
+                assert extra in EXTRAS, (s.name, line)

@@ -123,3 +123,11 @@ def test_timing_selects_a_device_and_leaves_compiled_modes_out(tmp_path, capsys)
     assert cli.main(argv) == 0
     df = pd.read_parquet(tmp_path / "timing.parquet")
     assert set(df.device) == {"cpu"} and not set(df["mode"]) & {"jax.jit", "torch.compile"}
+
+
+def test_the_textbook_low_rank_is_not_timed_where_it_would_form_huge_matrices():
+    from kl_bench.suite import subjects
+
+    row = timing._timed_row(subjects.Textbook(), "lowrank", "float32", 8, 4 * timing.DENSE_LOW_RANK_LIMIT, repeats=1)
+    assert row["error"].startswith("not timed: the textbook forms k x k covariances") and "seconds" not in row
+    assert timing.input_bytes("lowrank", 2, 10, "float32") == 2 * (4 * 10 + 2 * 10 * timing.TIMING_RANK) * 4

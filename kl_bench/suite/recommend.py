@@ -78,7 +78,9 @@ def code_line(row: pd.Series, family: str) -> str:
             line = f"torch.compile({line.split('(')[0]})({args}{extra})"
         elif row["mode"] == ARRAY and row.method == "stable" and _accelerated_here(row.backend, row.device, family):
             line = f'with kl_bench.accel.use("{ARRAY}"): {line}'
-        note = f"  # {arrays} on {row.device}" + (f'; pip install "kl-bench[{row["mode"]}]"' if row["mode"] in FUSED else "")
+        # the extra of the package a fused kernel compiles with (the XLA custom call's handler is numba's)
+        extra = f'; pip install "kl-bench[{accel.REGISTRY[row["mode"]].requires}]"' if row["mode"] in FUSED else ""
+        note = f"  # {arrays} on {row.device}{extra}"
         line += note
     return line
 

@@ -287,9 +287,14 @@ def timing_sweep(family_names=None, subjects=None, dtypes=None, sweep="quick", r
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+DENSE_LOW_RANK_LIMIT = 1024  # the textbook forms the k x k covariances of the low-rank family: O(k^3), minutes beyond this
+
+
 def _timed_row(subject, family, dtype, batch, k, repeats) -> dict:
     row = labels(subject) | {"family": family, "dtype": dtype, "compiled": runs_compiled(subject), "B": batch, "k": k,
                              "error": ""}
+    if family == "lowrank" and subject.implementation == "textbook" and k > DENSE_LOW_RANK_LIMIT:
+        return row | {"error": f"not timed: the textbook forms k x k covariances (O(k^3)) beyond k = {DENSE_LOW_RANK_LIMIT}"}
     try:
         return row | measure(Workload(subject, family, batch, k, dtype), repeats=repeats)
     except Exception as exc:  # a third party that cannot take these inputs
