@@ -268,8 +268,9 @@ def cmd_run(args) -> int:
     except OSError as exc:
         return _cannot_run(f"cannot write to {out}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
                            + f"; the finished cells stay in {out / 'cells'}: make room and run the same command to resume")
+    made = ", ".join(name for name, df in frames.items() if len(df))
     print(f"\n{len(cells)} cells ({reused} reused) in {time.perf_counter() - start:.1f} s -> {out}: tables "
-          f"(accuracy, timing; parquet and CSV), environment.json, {written}", file=sys.stderr)
+          f"({made}; parquet and CSV), environment.json, {written}", file=sys.stderr)
     failed = report.failures(frames)
     if len(failed):
         print("\nStable kernels outside their bound:")
