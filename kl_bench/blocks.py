@@ -24,7 +24,7 @@ def plan(fam, arrays) -> tuple[int, int] | None:
     splits coordinates (elementwise and summed families only)."""
     if fam.full:  # batch axes only: a matrix is never split
         batch = tuple(arrays[1].shape[:-2])
-        per_row = int(arrays[1].shape[-1]) ** 2 * (math.prod(batch[1:]) if batch else 1)
+        per_row = math.prod(arrays[1].shape[-2:]) * (math.prod(batch[1:]) if batch else 1)  # k x k, or k x r
     else:  # every axis; the last one holds the coordinates where they are summed
         batch = common_shape(a.shape for a in arrays)
         per_row = math.prod(batch[1:])

@@ -3,7 +3,8 @@
 The registry holds this project's kernels (stable and naive, on every backend and device, as
 called, under the caller's ``jax.jit`` and under ``torch.compile``) and the implementations people
 use today: ``torch.distributions.kl_divergence`` (Normal, Independent Normal, MultivariateNormal by
-scale_tril and by covariance_matrix, LowRankMultivariateNormal for the diagonal families),
+scale_tril and by covariance_matrix, LowRankMultivariateNormal for the low-rank family and, as a
+second subject, for the diagonal families),
 numpyro's, TensorFlow Probability's (JAX substrate), distrax's, Pyro's and GPyTorch's KLs, and
 the textbook formula written in NumPy as users write it. Each third party's module is optional:
 where it is not installed its subject says so (a skip reason).
