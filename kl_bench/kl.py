@@ -63,7 +63,7 @@ def _call(family, values, method, validate):
         kl, problems = kernels.KERNELS[family](be, *arrays, method=method, check=validate)
     else:
         kernel = kernels.compiled(be, family, method, validate)
-        along = blocks.plan(fam, arrays) if be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None
+        along = blocks.plan(fam, arrays) if fam.in_blocks and be.in_blocks and be.device_kind(arrays[0]) == "cpu" else None
         kl, problems = blocks.run(be, fam, kernel, arrays, along) if along else kernel(*arrays)
     if validate and (not traced or be.looks_at_traced_values(arrays[0])):
         _raise_problems(be, problems, dict(zip(fam.names, arrays)))

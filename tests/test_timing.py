@@ -133,12 +133,10 @@ def test_the_textbook_low_rank_is_not_timed_where_it_would_form_huge_matrices():
     assert timing.input_bytes("lowrank", 2, 10, "float32") == 2 * (4 * 10 + 2 * 10 * timing.TIMING_RANK) * 4
 
 
-def test_low_rank_blocks_count_the_factor_and_give_the_same_values():
+def test_low_rank_runs_whole_and_blocks_count_a_factor_by_its_elements():
     from kl_bench import blocks
 
     rng = np.random.default_rng(6)
     args = [rng.normal(size=(64, 300)), rng.normal(size=(64, 300, 4)), np.exp(rng.normal(size=(64, 300)))] * 2
-    args[4] = args[4] + 0.1  # q differs from p
     assert blocks.plan(kl_bench.families.get("lowrank"), args) == (0, 8)  # 64 x 300 x 4 factor elements in eighths
-    whole = np.concatenate([kl_bench.kl_lowrank(*[a[i:i + 1] for a in args]) for i in range(64)])
-    np.testing.assert_array_equal(kl_bench.kl_lowrank(*args), whole)
+    assert not kl_bench.families.get("lowrank").in_blocks  # ... but kl_lowrank runs whole
