@@ -149,7 +149,9 @@ def _add_check(sub):
                          "an error above the accuracy kl-bench promises for the family and dtype (or --max-ulps), "
                          "+ cond(S_q) ulps for tril and cov. Exit 0 pass, 1 fail, 2 usage error.")
     chk.add_argument("target", help="MODULE:FUNCTION, e.g. mypkg.losses:kl_term")
-    chk.add_argument("--family", required=True, choices=FAMILIES)
+    chk.add_argument("--family", required=True, choices=(*FAMILIES, runner.MIXTURE),
+                     help="mixture: a function called like kl_bench.kl_mixture, judged against the bounds that bracket "
+                     "the exact KL and, where it returns one, its standard error")
     chk.add_argument("--dtype", default="float64", choices=FLOAT_DTYPES)
     chk.add_argument("--backend", default="numpy", choices=list(backends.BACKENDS))
     chk.add_argument("--max-ulps", type=float, help="the allowance in ulps (default: kl-bench's promised bound for the family and dtype)")
@@ -418,12 +420,32 @@ def cmd_check(args) -> int:
         return _usage_error(f"cannot load {args.target}: {type(exc).__name__}: {exc}")
     if not callable(fn):
         return _usage_error(f"{args.target} is not callable")
+    if args.family == runner.MIXTURE:
+        return _check_mixture(args, fn)
     reason = UserFunction(backend=args.backend, fn=fn).unavailable(args.family, args.dtype)
     if reason:  # the backend or dtype is not available here
         return _usage_error(reason)
     try:
         result = check(fn, args.family, args.dtype, args.backend, max_ulps=args.max_ulps, seed=args.seed,
                        progress=not args.quiet, timeout=args.timeout, gradients=args.gradients)
+    except Exception as exc:  # the checker itself could not run: not the function's verdict
+        return _cannot_run(f"the check could not run: {type(exc).__name__}: {exc}")
+    print(result.report())
+    return 0 if result.passed else 1
+
+
+def _check_mixture(args, fn) -> int:
+    from .suite import mixtures
+
+    refused = [option for option, given in (("--gradients", args.gradients), ("--max-ulps", args.max_ulps is not None),
+                                            ("--dtype", args.dtype != "float64")) if given]
+    if refused:
+        return _usage_error(f"{', '.join(refused)} do not apply to --family mixture (float64 cases, no ulp bound: the "
+                            "bounds that bracket the KL and the function's own standard error judge it)")
+    if not backends.get(args.backend).installed():
+        return _usage_error(f"{args.backend} is not installed")
+    try:
+        result = mixtures.check(fn, args.backend, args.seed, args.timeout, progress=not args.quiet)
     except Exception as exc:  # the checker itself could not run: not the function's verdict
         return _cannot_run(f"the check could not run: {type(exc).__name__}: {exc}")
     print(result.report())

@@ -101,3 +101,41 @@ def test_bad_options_are_refused():
         kl_bench.kl_mixture(*arrays, method="exact")
     with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
         kl_bench.kl_mixture(*arrays, num_samples=1)
+
+
+def variational_only(*arrays):
+    return kl_bench.kl_mixture(*arrays, method="variational").estimate
+
+
+def biased(*arrays):
+    result = kl_bench.kl_mixture(*arrays, seed=0)
+    return result.estimate + 0.05, result.stderr
+
+
+def negated(*arrays):
+    return -kl_bench.kl_mixture(*arrays, method="variational").estimate
+
+
+@pytest.mark.parametrize("fn, passes, reason", [
+    (kl_bench.kl_mixture, True, ""),
+    (variational_only, True, ""),
+    (biased, False, "standard errors from the reference"),
+    (negated, False, "outside the bounds"),
+])
+def test_check_judges_mixture_functions(fn, passes, reason):
+    from kl_bench.suite import mixtures
+
+    result = mixtures.check(fn)
+    assert result.passed == passes, result.report()
+    assert len(result.cases) == len(mixtures.check_cases())
+    if reason:
+        assert result.cases.reason.str.contains(reason).any()
+
+
+def test_check_command_takes_mixtures(capsys):
+    from kl_bench.cli import main
+
+    assert main(["check", "kl_bench:kl_mixture", "--family", "mixture", "--quiet"]) == 0
+    assert "PASS: 0 of" in capsys.readouterr().out
+    assert main(["check", "kl_bench:kl_mixture", "--family", "mixture", "--dtype", "float32"]) == 2
+    assert "do not apply to --family mixture" in capsys.readouterr().err

@@ -7,7 +7,8 @@ exits, crashes the process or hangs (``isolation``: the function runs in a worke
 from the certified reference than its allowance: by default the accuracy this project promises for
 the family and dtype (``bounds.ulp_bound``: what ``kl_bench`` itself guarantees), or ``max_ulps``
 when given; plus cond(S_q) ulps for the full-covariance families; where nothing is promised (a
-Cholesky factor with cond(S_q) beyond 1e4), 4 x this project's own error, at least 16 ulps.
+Cholesky factor with cond(S_q) beyond 1e4, the low-rank family's aligned-diagonal regime), 4 x
+this project's own error, at least 16 ulps. Mixtures have their own check (``mixtures.check``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+FAMILY = "mixture"  # its name where the families' names are listed (kl-bench run --families, kl-bench check --family)
 SEPARATIONS = (0.0, 1.0, 2.0, 4.0, 8.0)
 COUNTS = (1, 2, 4)
 REFERENCE_SAMPLES = 1_000_000
@@ -92,9 +93,19 @@ def quadrature(case: MixtureCase) -> tuple[float, float]:
     return float(value), float(error)
 
 
+_REFERENCES: dict = {}  # this process's references, by the bytes of the case's arrays (a 2-D quadrature takes seconds)
+
+
 def reference(case: MixtureCase) -> tuple[float, float, str]:
     """(value, error, method): quadrature for k <= 2, else a large Monte-Carlo run (the error its
     standard error), in chunks."""
+    key = tuple((np.shape(a), np.asarray(a, dtype=np.float64).tobytes()) for a in case.arrays) + (case.seed,)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _reference(case)
+    return _REFERENCES[key]
+
+
+def _reference(case: MixtureCase) -> tuple[float, float, str]:
     if case.k <= 2:
         return (*quadrature(case), "quadrature")
     from .. import kl_mixture
@@ -115,7 +126,7 @@ def judged(case: MixtureCase) -> dict:
     mc_error = float(mc.estimate) - value
     spread = math.hypot(float(mc.stderr), error)
     slack = error + 1e-12 * max(1.0, abs(value))  # the reference's own uncertainty
-    return {"family": "mixture", "dtype": "float64", "k": case.k, "m": case.m, "separation": case.separation, "seed": case.seed,
+    return {"family": FAMILY, "dtype": "float64", "k": case.k, "m": case.m, "separation": case.separation, "seed": case.seed,
             "reference": value, "reference_error": error, "reference_method": how, "mc_estimate": float(mc.estimate),
             "mc_stderr": float(mc.stderr), "mc_error": mc_error, "mc_z": mc_error / spread if spread > 0 else 0.0,
             "variational": variational, "variational_error": variational - value, "lower": float(mc.lower),
@@ -141,3 +152,99 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         cases=("reference", "size"), worst_mc_error=("mc_error", lambda e: e.abs().max()), worst_mc_z=("mc_z", lambda z: z.abs().max()),
         worst_variational_error=("variational_error", lambda e: e.abs().max()),
         widest_bracket=("width", "max"), bracketed=("brackets", "mean")).reset_index()
+
+
+# -- kl-bench check --family mixture ------------------------------------------------------------
+
+CHECK_SIGMAS = 4.0  # a function that states its standard error must be within this many of the reference
+CHECK_RULE = (f"allowed: inside the bounds that bracket the exact KL, and within {CHECK_SIGMAS:g} standard errors of the "
+              "reference where the function returns one (exactly 0 for two identical mixtures without one); "
+              "mixture results are approximate")
+
+
+@dataclass(frozen=True)
+class MixtureCheck:
+    """One row per case of ``check``; ``passed``: the verdict."""
+
+    cases: pd.DataFrame
+    passed: bool
+    target: str = "your_kl"
+
+    def report(self) -> str:
+        failures = int((~self.cases.passed).sum())
+        lines = [f"{'PASS' if self.passed else 'FAIL'}: {failures} of {len(self.cases)} cases fail ({CHECK_RULE})", ""]
+        shown = self.cases[["case", "computed", "stderr", "reference", "lower", "upper", "reason"]]
+        with pd.option_context("display.width", 250, "display.max_colwidth", 90):
+            lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+        return "\n".join(lines)
+
+
+def _estimate_and_stderr(fn, backend):
+    """``fn`` with a tuple result (a named tuple like ``kl_bench.MixtureKL``) reduced to one array
+    of its first two entries, the estimate and its standard error, for the worker to send back."""
+    def call(*args):
+        out = fn(*args)
+        if isinstance(out, tuple):
+            from .. import backends
+
+            xp = backends.get(backend).xp
+            out = xp.stack([xp.asarray(v) for v in out[:2]])
+        return out
+
+    return call
+
+
+def check_cases(seed: int = 0) -> list[MixtureCase]:
+    """The quick cases, then two identical mixtures (the exact KL is 0)."""
+    same = generate(2, 2, 1.0, seed)
+    return cases("quick", seed) + [MixtureCase(2, 2, 1.0, seed, same.arrays[:3] * 2)]
+
+
+def _judged_call(values, problem, case, exact, error) -> dict:
+    from .. import kl_mixture
+
+    bounds = kl_mixture(*case.arrays, method="variational")
+    lower, upper = float(bounds.lower), float(bounds.upper)
+    row = {"case": case.name + ("/identical" if exact == 0 else ""), "computed": np.nan, "stderr": np.nan, "reference": exact,
+           "lower": lower, "upper": upper, "passed": False, "reason": problem}
+    if problem:
+        return row
+    values = np.ravel(np.asarray(values, dtype=np.float64))
+    if values.size not in (1, 2):
+        return row | {"reason": f"returned {values.size} numbers (expected an estimate, or a tuple that starts with it "
+                                "and its standard error)"}
+    estimate, stderr = values[0], (values[1] if values.size == 2 else None)
+    row |= {"computed": estimate, "stderr": np.nan if stderr is None else stderr}
+    slack = error + 1e-12 * max(1.0, abs(exact))
+    spread = math.hypot(stderr or 0.0, error)
+    if not np.isfinite(estimate):
+        why = "not finite where the exact KL is"
+    elif not lower - slack <= estimate <= upper + slack:
+        why = f"outside the bounds [{lower:.6g}, {upper:.6g}] that bracket the exact KL"
+    elif abs(estimate - exact) > CHECK_SIGMAS * spread and (stderr is not None or exact == 0):
+        why = (f"{abs(estimate - exact) / spread:.3g} standard errors from the reference" if spread > 0
+               else "not exactly 0 for two identical mixtures")
+    else:
+        why = ""
+    return row | {"passed": not why, "reason": why}
+
+
+def check(fn, backend: str = "numpy", seed: int = 0, timeout: float | None = None, progress: bool = False) -> MixtureCheck:
+    """Judge ``fn``, called like ``kl_bench.kl_mixture`` (the six arrays of one pair of mixtures,
+    in ``backend``'s float64) and returning an estimate, or a tuple whose first two entries are the
+    estimate and its standard error, on ``check_cases``; it runs in a worker process
+    (``isolation``)."""
+    from .isolation import DEFAULT_TIMEOUT, Isolated, target_name
+
+    rows = []
+    with Isolated(_estimate_and_stderr(fn, backend), backend, timeout or DEFAULT_TIMEOUT) as isolated:
+        for case in check_cases(seed):
+            if progress:
+                print(f"  {case.name}", file=sys.stderr, flush=True)
+            identical = all(np.array_equal(a, b) for a, b in zip(case.arrays[:3], case.arrays[3:]))
+            exact, error, _ = (0.0, 0.0, "exact") if identical else reference(case)
+            values, problem = isolated.call(FAMILY, case.arrays, "float64")
+            rows.append(_judged_call(values, problem, case, exact, error))
+    df = pd.DataFrame(rows)
+    return MixtureCheck(df, bool(df.passed.all()), target_name(fn))
+

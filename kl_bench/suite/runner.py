@@ -36,7 +36,7 @@ PLANS = {
     "full": {"accuracy": ("full",), "timing": "full", "compiled": True},
 }
 RUNS_DIR = Path("reports") / "runs"
-MIXTURE = "mixture"  # the cell (and --families name) of kl_mixture's sweep (suite/mixtures.py)
+MIXTURE = mixtures.FAMILY  # the cell (and --families name) of kl_mixture's sweep
 
 
 @dataclass(frozen=True)
