@@ -228,6 +228,18 @@ def _sanitised(be, invalid, loc_p, mat_p, loc_q, mat_q):
     )
 
 
+def _factor(be, m):
+    """The lower Cholesky factor of each matrix, the identity where one does not factor, so that no
+    later solve fails on it (its result is set to NaN), and the mask of those that did not."""
+    factor, bad = be.cholesky_ex(m)
+    return be.xp.where(bad[..., None, None], be.eye_like(m), factor), bad
+
+
+def _congruent(be, factor, m):
+    """L^-1 M L^-T for a lower factor L."""
+    return be.solve_triangular(factor, be.xp.matrix_transpose(be.solve_triangular(factor, m)))
+
+
 def _mask_problems(be, kl, problems, extra_bad=None):
     bad = extra_bad
     for mask in problems.values():
@@ -291,11 +303,10 @@ def _shifted_cholesky(be, m, factor_needed=False):
     if k <= SHIFTED_CHOLESKY_LEAF:
         eye = be.eye_like(m)
         m = xp.tril(m) + xp.matrix_transpose(xp.tril(m, k=-1))  # symmetric from the lower triangle
-        c, failed = be.cholesky_ex(eye + m)
-        c = xp.where(failed[..., None, None], eye, c)
+        c, failed = _factor(be, eye + m)
         n0 = c - eye
         r = m - (n0 + xp.matrix_transpose(n0)) - n0 @ xp.matrix_transpose(n0)
-        y = be.solve_triangular(c, xp.matrix_transpose(be.solve_triangular(c, r)))
+        y = _congruent(be, c, r)
         n = n0 + c @ (y * (xp.tril(xp.ones_like(y)) - 0.5 * eye))
         diagonal = xp.linalg.diagonal(n)
         strict = xp.tril(n, k=-1)
@@ -340,8 +351,7 @@ def _twice_kl_of_difference(be, factor_q, factor_p, difference, dmu):
     tr(M) - ln det(I + M) = sum_j psi(u_j) + sum_{i>j} N_ij^2, every term >= 0, plus ||z||^2,
     z = L_q^-1 dmu."""
     xp = be.xp
-    solved = be.solve_triangular(factor_q, difference)
-    m = be.solve_triangular(factor_q, xp.matrix_transpose(solved))  # only its lower triangle is read
+    m = _congruent(be, factor_q, difference)  # only its lower triangle is read
     z = be.solve_triangular(factor_q, dmu)[..., 0]
     return _trace_minus_logdet(be, m, _logdet(xp, factor_p) - _logdet(xp, factor_q)) + xp.sum(z * z, axis=-1)
 
@@ -351,8 +361,7 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     k = cov_p.shape[-1]
     nan_rows = _any_nan(xp, (loc_p, 1), (cov_p, 2), (loc_q, 1), (cov_q, 2))
     loc_p, cov_p, loc_q, cov_q = _sanitised(be, nan_rows, loc_p, cov_p, loc_q, cov_q)
-    factor_q, bad_q = be.cholesky_ex(cov_q)
-    factor_q = xp.where(bad_q[..., None, None], be.eye_like(factor_q), factor_q)
+    factor_q, bad_q = _factor(be, cov_q)
     dmu = (loc_p - loc_q)[..., None]
     if method == "naive":
         # The textbook formula: explicit inverse and log-determinants.
@@ -364,8 +373,7 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
         bad_p = be.cholesky_ex(cov_p)[1] if check else None
     else:
         # Positive-definiteness is decided by each matrix's own factorisation.
-        factor_p, bad_p = be.cholesky_ex(cov_p)
-        factor_p = xp.where(bad_p[..., None, None], be.eye_like(factor_p), factor_p)
+        factor_p, bad_p = _factor(be, cov_p)
         kl = 0.5 * _twice_kl_of_difference(be, factor_q, factor_p, cov_p - cov_q, dmu)
     bad = nan_rows | bad_q
     if bad_p is not None:
@@ -391,19 +399,12 @@ def _half_psi_of_ratio(be, a, b):
     return 0.5 * xp.where(far_below, (ratio - 1.0) - log_ratio, near)
 
 
-def _factor(be, m):
-    """The lower Cholesky factor of each matrix, the identity where one does not factor (its result
-    is NaN anyway: NaN input), so that no later solve fails on it."""
-    factor, bad = be.cholesky_ex(m)
-    return be.xp.where(bad[..., None, None], be.eye_like(m), factor)
-
-
 def _gram_factor(be, a, weights=None):
     """The lower Cholesky factor of I + A^T diag(weights) A (r x r) for A (..., k, r)."""
     xp = be.xp
     at = xp.matrix_transpose(a)
     gram = (at if weights is None else at * weights[..., None, :]) @ a
-    return _factor(be, be.eye_like(gram) + gram)
+    return _factor(be, be.eye_like(gram) + gram)[0]
 
 
 def kl_lowrank(be, loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_diag_q, *, method, check):
@@ -462,8 +463,8 @@ def _lowrank_dense(be, dmu, w_p, d_p, w_q, d_q):
     u = v + x
     eye = be.eye_like(v @ t(v))
     difference = (eye * ((d_p - d_q) / d_q)[..., None, :]) + v @ t(x) + x @ t(v) + x @ t(x)
-    factor_q = _factor(be, eye + v @ t(v))
-    factor_p = _factor(be, eye * (d_p / d_q)[..., None, :] + u @ t(u))
+    factor_q = _factor(be, eye + v @ t(v))[0]
+    factor_p = _factor(be, eye * (d_p / d_q)[..., None, :] + u @ t(u))[0]
     return 0.5 * _twice_kl_of_difference(be, factor_q, factor_p, difference, (dmu * scale)[..., None])
 
 
@@ -487,10 +488,10 @@ def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
     g_q = g_t[..., :r, :] + g_e[..., :r, :]
     g_ee = t(w_q) @ (w_q * (change * w_e / d_q)[..., None])
     eye = be.eye_like(g_ee)
-    c_q = _factor(be, eye + g_q[..., :r, :r])  # I + W_q^T D_q^-1 W_q
+    c_q = _factor(be, eye + g_q[..., :r, :r])[0]  # I + W_q^T D_q^-1 W_q
     b = g_t[..., :r, :r]  # V'^T V', V' = D_p^-1/2 W_q
-    c_t = _factor(be, eye + b)  # T = D_p^1/2 (I + V' V'^T) D_p^1/2
-    c_p = _factor(be, eye + b + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:])  # S_p's, by D_p
+    c_t = _factor(be, eye + b)[0]  # T = D_p^1/2 (I + V' V'^T) D_p^1/2
+    c_p = _factor(be, eye + b + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:])[0]  # S_p's, by D_p
     # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D E D_p^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
     f_diag = (2.0 * xp.sum(_half_psi_of_ratio(be, d_p, d_q), axis=-1)
               + _trace_minus_logdet(be, -_congruent(be, c_q, g_e[..., :r, :r]), _logdet(xp, c_t) - _logdet(xp, c_q))
@@ -527,12 +528,6 @@ def _blocked_grams(xp, a, b, weights):
     wa, wb = a * weights[..., None], b * weights[..., None]
     ab = t(wa) @ b
     return xp.concat([xp.concat([t(wa) @ a, ab], axis=-1), xp.concat([t(ab), t(wb) @ b], axis=-1)], axis=-2)
-
-
-def _congruent(be, factor, m):
-    """L^-1 M L^-T for a lower factor L."""
-    xp = be.xp
-    return be.solve_triangular(factor, xp.matrix_transpose(be.solve_triangular(factor, m)))
 
 
 def _solve_gram(be, factor, b):
