@@ -56,7 +56,7 @@ def kl_mixture(logits_p, loc_p, logvar_p, logits_q, loc_q, logvar_q, *, method="
         stderr = be.xp.zeros_like(estimate)
     else:
         estimate, stderr = _monte_carlo(be, p, q, num_samples, np.random.default_rng(seed))
-    bad = _any_nan(be, p) | _any_nan(be, q)
+    bad = kernels._any_nan(be.xp, *[(x, core) for mixture in (p, q) for x, core in zip(mixture, (1, 2, 2))])  # per batch element
     out = [be.xp.where(bad, float("nan"), v) for v in (estimate, stderr, lower, upper)]
     return MixtureKL(*(be.xp.astype(v, result_dtype) for v in out))
 
@@ -67,25 +67,21 @@ def _broadcast(be, arrays):
     for side in ("p", "q"):
         logits, loc, logvar = (shapes[f"{n}_{side}"] for n in ("logits", "loc", "logvar"))
         if len(logits) < 1 or len(loc) < 2 or len(logvar) < 2:
-            raise ValueError(f"logits_{side} must be (..., m) and loc_{side}, logvar_{side} (..., m, k), got {_listing(shapes)}")
+            raise ValueError(f"logits_{side} must be (..., m) and loc_{side}, logvar_{side} (..., m, k), got {kl._listing(shapes)}")
         if not (logits[-1] == loc[-2] == logvar[-2]):
             raise ValueError(f"mismatched component count m: logits_{side} {logits}, loc_{side} {loc}, logvar_{side} {logvar}")
     ks = {name: s[-1] for name, s in shapes.items() if not name.startswith("logits")}
     if len(set(ks.values())) > 1:
-        raise ValueError(f"mismatched dimension k: {_listing({n: shapes[n] for n in ks})}")
+        raise ValueError(f"mismatched dimension k: {kl._listing({n: shapes[n] for n in ks})}")
     batches = [s[:-1] if name.startswith("logits") else s[:-2] for name, s in shapes.items()]
     try:
         batch = np.broadcast_shapes(*batches)
     except ValueError:
-        raise ValueError(f"batch shapes do not broadcast: {_listing(shapes)}") from None
+        raise ValueError(f"batch shapes do not broadcast: {kl._listing(shapes)}") from None
     xp = be.xp
     out = [xp.broadcast_to(x, batch + tuple(x.shape[-1:] if name.startswith("logits") else x.shape[-2:]))
            for name, x in zip(NAMES, arrays)]
     return ((_log_softmax(xp, out[0]), out[1], out[2]), (_log_softmax(xp, out[3]), out[4], out[5]))
-
-
-def _listing(shapes):
-    return ", ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
 
 
 def _logsumexp(xp, x, axis=-1):
@@ -97,12 +93,6 @@ def _logsumexp(xp, x, axis=-1):
 
 def _log_softmax(xp, logits):
     return logits - xp.expand_dims(_logsumexp(xp, logits), axis=-1)
-
-
-def _any_nan(be, mixture):
-    xp = be.xp
-    log_w, loc, logvar = mixture
-    return xp.any(xp.isnan(log_w), axis=-1) | xp.any(xp.isnan(loc) | xp.isnan(logvar), axis=(-2, -1))
 
 
 def _pairs(mixture_a, mixture_b):
