@@ -180,8 +180,7 @@ def _by_distributions(family, args, *, normal, diagonal, full, kl, zeros_like, l
     one (kind "scale_tril" or "covariance_matrix"), ``low_rank(loc, factor, diagonal)`` its
     W W^T + diag(d) one; the VAE term is the diagonal family against N(0, I)."""
     if family == "vae":
-        loc, logvar = args
-        args, family = (loc, logvar, zeros_like(loc), zeros_like(logvar)), "diag"
+        args, family = _against_standard_normal(args, zeros_like), "diag"
     if family == "lowrank":
         return kl(low_rank(*args[:3]), low_rank(*args[3:]))
     mu_p, a, mu_q, b = args
@@ -191,6 +190,12 @@ def _by_distributions(family, args, *, normal, diagonal, full, kl, zeros_like, l
         return kl(diagonal(mu_p, a), diagonal(mu_q, b))
     kind = "scale_tril" if family == "tril" else "covariance_matrix"
     return kl(full(mu_p, kind, a), full(mu_q, kind, b))
+
+
+def _against_standard_normal(args, zeros_like):
+    """The VAE term's (loc, logvar) as the diagonal family's arguments, q = N(0, I)."""
+    loc, logvar = args
+    return loc, logvar, zeros_like(loc), zeros_like(logvar)
 
 
 def _torch_distributions(family, low_rank, *args):
@@ -306,8 +311,7 @@ def _pyro(family, *args):
     import torch
 
     if family == "vae":
-        loc, logvar = args
-        args = (loc, logvar, torch.zeros_like(loc), torch.zeros_like(logvar))
+        args = _against_standard_normal(args, torch.zeros_like)
     loc_p, logvar_p, loc_q, logvar_q = args
     p = dist.Independent(dist.Normal(loc_p, torch.exp(0.5 * logvar_p)), 1)
     q = dist.MultivariateNormal(loc_q, scale_tril=torch.diag_embed(torch.exp(0.5 * logvar_q)))
