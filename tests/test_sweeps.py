@@ -126,6 +126,12 @@ def test_high_dim_full_covariance_references_are_sums_of_blocks():
         direct = [reference.mp_cov(*[reference.to_mp(a[i]) for a in case.arrays]) for i in range(2)]
     for b, d in zip(blocks, direct):
         assert abs(b - d) <= abs(d) * mpmath.mpf(2) ** -90
+    low_rank = cases.generate("lowrank", "high-dim", "float64", k=20, n=2)  # factor columns on blocks of 4
+    blocks = reference.evaluate("lowrank", *low_rank.arrays, cache=False)
+    with mpmath.workprec(256):
+        direct = [reference.mp_lowrank(*[reference.to_mp(a[i]) for a in low_rank.arrays]) for i in range(2)]
+    for b, d in zip(blocks, direct):
+        assert abs(b - d) <= abs(d) * mpmath.mpf(2) ** -90
 
 
 def test_headline_puts_this_project_first():

@@ -297,10 +297,10 @@ def _terms_cov(mu_p, cov_p, mu_q, cov_q) -> Terms:
     return _terms_of_covariances(mu_p, symmetric_matrix(cov_p), mu_q, symmetric_matrix(cov_q))
 
 
-def _terms_of_covariances(mu_p, s_p, mu_q, s_q, names=("cov_p", "cov_q")) -> Terms:
+def _terms_of_covariances(mu_p, s_p, mu_q, s_q) -> Terms:
     """The KL's terms from exact rational covariance matrices (fmpq_mat)."""
     k = s_p.nrows()
-    pivots_p, pivots_q = ldl_pivots(s_p, names[0]), ldl_pivots(s_q, names[1])
+    pivots_p, pivots_q = ldl_pivots(s_p, "cov_p"), ldl_pivots(s_q, "cov_q")
     dmu = differences(mu_p, mu_q)
     solved = _solve(s_q, [[s_p[i, j] for i in range(k)] for j in range(k)] + [dmu])  # S_q^-1 [S_p | dmu]
     ratios = [p / q for p, q in zip(pivots_p, pivots_q)]  # det S_p / det S_q = prod ratios
@@ -379,10 +379,12 @@ def as_mp(point) -> mpmath.mpf:
 def terms(family: str, parts) -> Terms:
     """The exact rational preparation of one parameter set; full covariances whose nonzero pattern
     splits into independent blocks are prepared block by block (the KL is the sum)."""
-    if families.TABLE[family].full and len(blocks := coupled_blocks(family, parts)) > 1:
+    fam = families.TABLE[family]
+    if fam.full and len(blocks := coupled_blocks(family, parts)) > 1:
         total = Terms(rational=rational(0))
+        square = [a.kind in (families.FACTOR, families.COV) for a in fam.args]
         for b in blocks:  # a k x r factor keeps its r columns (those of other blocks are 0 in it)
-            total += TERMS[family](*[p[np.ix_(b, b)] if p.ndim == 2 and family != "lowrank" else p[b] for p in parts])
+            total += TERMS[family](*[p[np.ix_(b, b)] if sq else p[b] for p, sq in zip(parts, square)])
         return total
     return TERMS[family](*parts)
 
