@@ -119,6 +119,10 @@ class Backend:
         """Identity matrix of ``a``'s trailing size, dtype and device."""
         return self.xp.eye(a.shape[-1], dtype=a.dtype)
 
+    def constant_like(self, values, a):
+        """``values`` (nested lists of numbers) as an array of ``a``'s dtype and device."""
+        return self.xp.asarray(values, dtype=a.dtype)
+
     # -- linear algebra the standard lacks or does differently ------------------------------
     def cholesky_ex(self, a):
         """Lower factor of each matrix, and a boolean array marking those that are not positive
@@ -263,6 +267,9 @@ class TorchBackend(Backend):
 
     def eye_like(self, a):
         return self.torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+
+    def constant_like(self, values, a):
+        return self.torch.tensor(values, dtype=a.dtype, device=a.device)
 
     def cholesky_ex(self, a):
         factor, info = self.torch.linalg.cholesky_ex(a)

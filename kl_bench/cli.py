@@ -37,6 +37,8 @@ from .kl import METHODS
 from .suite import baseline, cases, reference, report, runner, tables, timing
 from .suite.accuracy import accuracy_sweep
 from .suite.gradients import gradient_sweep
+from .suite.mixtures import CONFIDENCE_SIGMAS
+from .suite.recommend import DEFAULT_MAX_ERROR
 from .suite.subjects import available
 
 
@@ -106,11 +108,15 @@ def _add_recommend(sub):
                          "for each case set) at shape BxK, with its time, worst error, the runner-up and the line of code "
                          "that calls it. Reads a run's tables (--from, default reports/runs/latest) and measures what is "
                          "missing there. Exit 1 if nothing qualifies.")
-    rec.add_argument("--family", required=True, choices=FAMILIES)
-    rec.add_argument("--shape", required=True, help="BxK, e.g. 2048x4096 (normal: B*K scalars)")
-    rec.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
+    rec.add_argument("--family", required=True, choices=(*FAMILIES, runner.MIXTURE),
+                     help="mixture: kl_mixture's approximations (variational, Monte-Carlo at several sizes), judged by "
+                     "their worst absolute error over the run's mixture sweep (--max-error)")
+    rec.add_argument("--shape", required=True, help="BxK, e.g. 2048x4096 (normal: B*K scalars; mixture: B pairs in K dimensions)")
+    rec.add_argument("--dtype", choices=FLOAT_DTYPES, help="default float32 (mixture: float64, the only one measured)")
     rec.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     rec.add_argument("--max-ulps", type=float)
+    rec.add_argument("--max-error", type=float, help="mixture only: the largest error allowed, in nats (default "
+                     f"{DEFAULT_MAX_ERROR:g}; a Monte-Carlo estimate counts {CONFIDENCE_SIGMAS:g} standard errors)")
     rec.add_argument("--from", dest="source", type=Path, help="a run's directory (default: reports/runs/latest)")
     rec.add_argument("--backends", type=_choices("backend", list(backends.BACKENDS)), help="comma-separated (default: all installed)")
     rec.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -320,6 +326,10 @@ def cmd_recommend(args) -> int:
             raise ValueError
     except ValueError:
         return _usage_error(f"--shape must be BxK with positive integers, e.g. 2048x4096, got {args.shape!r}")
+    mixture = args.family == runner.MIXTURE
+    if (problem := _recommend_options_problem(args, mixture)):
+        return _usage_error(problem)
+    dtype = args.dtype or ("float64" if mixture else "float32")
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
@@ -332,23 +342,45 @@ def cmd_recommend(args) -> int:
         return _usage_error(problem)
     try:
         with runner.locked(source):  # it may measure missing cells into the run
-            choices, measured = recommend.recommend(source, args.family, batch, k, args.dtype, args.device, args.max_ulps, names,
-                                                    args.quiet)
+            if mixture:
+                choices, measured = recommend.recommend_mixture(source, batch, k, args.device, args.max_error, names, args.quiet)
+            else:
+                choices, measured = recommend.recommend(source, args.family, batch, k, dtype, args.device, args.max_ulps, names,
+                                                        args.quiet)
     except runner.Busy as exc:
         return _cannot_run(str(exc))
-    requirement = f"<= {args.max_ulps:g} ulps" if args.max_ulps is not None else "within kl-bench's promised bound on every case set"
-    print(f"{args.family}, {args.dtype}, B={batch}, k={k}, {args.device}; accuracy {requirement}"
+    if mixture:
+        requirement = (f"error <= {args.max_error if args.max_error is not None else DEFAULT_MAX_ERROR:g} nats on every case "
+                       f"of the mixture sweep (a Monte-Carlo estimate: {CONFIDENCE_SIGMAS:g} standard errors); APPROXIMATE")
+    else:
+        requirement = f"<= {args.max_ulps:g} ulps" if args.max_ulps is not None else "within kl-bench's promised bound on every case set"
+    print(f"{args.family}, {dtype}, B={batch}, k={k}, {args.device}; accuracy {requirement}"
           + (f" ({measured} cells measured into {source})" if measured else f" (from {source})"))
     if not choices:
         print("nothing measured meets that requirement")
         return 1
     for rank, choice in zip(("fastest", "runner-up"), choices):
-        print(f"{rank}: {choice.subject}: {choice.seconds * 1e3:.3g} ms per call, worst error {choice.worst_ulps:.3g} ulps "
+        print(f"{rank}: {choice.subject}: {choice.seconds * 1e3:.3g} ms per call, worst error {choice.worst_error:.3g} {choice.unit} "
               f"(at most {choice.worst_share:.2g} of the requirement on every case set)")
         print(f"    {choice.code}")
     if len(choices) == 1:
         print("runner-up: none other meets the requirement")
     return 0
+
+
+def _recommend_options_problem(args, mixture: bool) -> str:
+    """What is wrong with recommend's options for the family, or ''."""
+    if mixture and args.max_ulps is not None:
+        return "--max-ulps does not apply to --family mixture (approximations, judged in nats: use --max-error)"
+    if mixture and args.dtype not in (None, "float64"):
+        return f"--family mixture is measured in float64 only, got --dtype {args.dtype}"
+    if not mixture and args.max_error is not None:
+        return "--max-error applies to --family mixture only (the other families are judged in ulps: use --max-ulps)"
+    for name in ("max_ulps", "max_error"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            return f"--{name.replace('_', '-')} must be positive, got {value:g}"
+    return ""
 
 
 def cmd_accuracy(args) -> int:

@@ -516,7 +516,8 @@ def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
     projected = g_e - g_e[..., :, :r] @ alpha - t(beta) @ g_e[..., :r, :] + t(beta) @ g_e[..., :r, :r] @ alpha
     coupling = xp.sum(xp.linalg.diagonal(projected[..., r:, :r] + projected[..., :r, r:] + projected[..., r:, r:]), axis=-1)
     # ||z||^2 = dmu^T S_q^-1 dmu by Woodbury
-    inside = be.solve_triangular(c_q, (t(w_q) @ (dmu / d_q)[..., None]))[..., 0]
+    # (1, k) @ (k, r) rather than (r, k) @ (k, 1): BLAS's transposed matrix-vector product is several times slower
+    inside = be.solve_triangular(c_q, t((dmu / d_q)[..., None, :] @ w_q))[..., 0]
     mean = xp.sum(dmu * dmu / d_q, axis=-1) - xp.sum(inside * inside, axis=-1)
     # every part but the coupling is >= 0; a sum that rounds below 0 is 0
     return 0.5 * xp.clip(f_diag + f_factor + coupling + mean, min=0.0)
@@ -535,29 +536,50 @@ def _solve_gram(be, factor, b):
     return be.xp.linalg.solve(be.xp.matrix_transpose(factor), be.solve_triangular(factor, b))
 
 
-# g(K) = sum_{n>=2} (-1)^n tr(K^n) / n where the spectral radius is below 1/2: terms to 2^-55 (2^-26).
+# g(K) = sum_{n>=2} (-1)^n tr(K^n) / n where the spectral radius is below 1/2: terms to 2^-55 (2^-26),
+# summed as tr(K^2 q(K)) with q's coefficients (-1)^n / n, n = 2..N, in blocks of _LOG_SERIES_BLOCK.
 _LOG_SERIES_TERMS = {"float64": 55, "float32": 26}
+_LOG_SERIES_BLOCK = {"float64": 7, "float32": 5}
 
 
 def _trace_minus_logdet_of_product(be, k_matrix, logdet):
     """g(K) = tr(K) - ln det(I + K) for K = S G with S symmetric and G positive semidefinite (real
     eigenvalues, those of G^1/2 S G^1/2), given ``logdet`` = ln det(I + K) from factors. Where
     tr(K^4) < 1/16 (every eigenvalue within 1/2) by its series, whose first term tr(K^2) / 2 =
-    ||G^1/2 S G^1/2||_F^2 / 2 dominates, evaluated by Horner's rule; elsewhere (some eigenvalue
-    beyond about 1/2, so that tr(K) - ``logdet`` loses at most a few digits to cancellation) directly.
+    ||G^1/2 S G^1/2||_F^2 / 2 dominates; elsewhere (some eigenvalue beyond about 1/2, so that
+    tr(K) - ``logdet`` loses at most a few digits to cancellation) directly.
     Products only: no square root of G, which may be singular."""
     xp = be.xp
     k2 = k_matrix @ k_matrix
     small = _sum_last2(xp, k2 * xp.matrix_transpose(k2)) < 1.0 / 16.0  # tr(K^4)
-    ks = xp.where(small[..., None, None], k_matrix, 0.0)
-    eye = be.eye_like(k_matrix)
-    n_max = _LOG_SERIES_TERMS[_dtype_key(be, k_matrix)]
-    acc = eye * ((-1.0) ** n_max / n_max)
-    for n in range(n_max - 1, 1, -1):
-        acc = eye * ((-1.0) ** n / n) + ks @ acc
-    series = _sum_last2(xp, (ks @ ks) * xp.matrix_transpose(acc))  # tr(K^2 acc)
+    ks, ks2 = (xp.where(small[..., None, None], m, 0.0) for m in (k_matrix, k2))
+    key = _dtype_key(be, k_matrix)
+    coeffs = [(-1.0) ** n / n for n in range(2, _LOG_SERIES_TERMS[key] + 1)]
+    series = _sum_last2(xp, ks2 * xp.matrix_transpose(_matrix_polynomial(be, ks, ks2, coeffs, _LOG_SERIES_BLOCK[key])))
     direct = xp.sum(xp.linalg.diagonal(k_matrix), axis=-1) - logdet
     return xp.where(small, series, direct)
+
+
+def _matrix_polynomial(be, k_matrix, k2, coeffs, block):
+    """sum_j coeffs[j] K^j by Paterson and Stockmeyer's scheme: the powers I .. K^(block-1), each
+    block of coefficients applied to them in one product, the blocks combined by Horner's rule in
+    K^block: about 2 sqrt(len(coeffs)) matrix products instead of len(coeffs) (small matrices, where
+    each operation's overhead is the cost). ``k2`` is K^2."""
+    xp = be.xp
+    powers = [xp.broadcast_to(be.eye_like(k_matrix), k_matrix.shape), k_matrix, k2]
+    while len(powers) <= block:
+        powers.append(powers[-1] @ k_matrix)
+    step = powers.pop()  # K^block
+    n = k_matrix.shape[-1]
+    blocks = -(-len(coeffs) // block)
+    padded = coeffs + [0.0] * (blocks * block - len(coeffs))
+    weights = be.constant_like([padded[i * block:(i + 1) * block] for i in range(blocks)], k_matrix)
+    stacked = xp.reshape(xp.stack(powers[:block], axis=-3), (*k_matrix.shape[:-2], block, n * n))
+    parts = xp.reshape(weights @ stacked, (*k_matrix.shape[:-2], blocks, n, n))
+    acc = parts[..., blocks - 1, :, :]
+    for i in range(blocks - 2, -1, -1):
+        acc = parts[..., i, :, :] + step @ acc
+    return acc
 
 
 def derivatives(be, family, arrays):

@@ -139,3 +139,57 @@ def test_check_command_takes_mixtures(capsys):
     assert "PASS: 0 of" in capsys.readouterr().out
     assert main(["check", "kl_bench:kl_mixture", "--family", "mixture", "--dtype", "float32"]) == 2
     assert "do not apply to --family mixture" in capsys.readouterr().err
+
+
+# -- speed and recommend --------------------------------------------------------------------------
+
+def test_monte_carlo_error_scales_as_the_recommendation_assumes(quick_sweep):
+    """recommend judges a Monte-Carlo size by the sweep's standard error at NUM_SAMPLES draws scaled
+    by 1/sqrt(draws): at 1024 draws, 40 seeds' estimates spread as predicted and stay within
+    CONFIDENCE_SIGMAS predicted standard errors of the quadrature."""
+    row = quick_sweep[(quick_sweep.k == 1) & (quick_sweep.m == 2) & (quick_sweep.separation == 4.0)].iloc[0]
+    case = mixtures.generate(1, 2, 4.0)
+    predicted = row.mc_stderr * np.sqrt(mixtures.NUM_SAMPLES / 1024)
+    estimates = np.array([float(kl_bench.kl_mixture(*case.arrays, num_samples=1024, seed=s).estimate) for s in range(40)])
+    assert 0.7 < estimates.std(ddof=1) / predicted < 1.4
+    assert np.all(np.abs(estimates - row.reference) <= mixtures.CONFIDENCE_SIGMAS * predicted)
+    errors = mixtures.approximation_errors(quick_sweep).set_index(["method", "num_samples"]).worst_error
+    assert errors[("mc", 1024)] == pytest.approx(mixtures.CONFIDENCE_SIGMAS * quick_sweep.mc_stderr.max() * 2)
+    assert errors[("variational", 0)] >= quick_sweep.variational_error.abs().max()
+
+
+def test_timing_rows_for_every_backend_and_approximation():
+    df = mixtures.timing_sweep(2, 3, ["numpy"], repeats=1)
+    assert list(df.columns) == mixtures.TIMING_COLUMNS
+    assert len(df) == len(mixtures.approximations()) and (df.seconds > 0).all() and (df.error == "").all()
+    big = mixtures.timing_sweep(64, 512, ["numpy"], repeats=1)  # 65536 draws x 64 x 4 x 512 float64 would be 8 GiB
+    refused = big[big.error != ""]
+    assert set(refused.num_samples) >= {65536} and refused.seconds.isna().all()
+    assert refused.error.str.contains("not timed").all()
+
+
+def test_recommend_takes_mixtures(tmp_path, capsys):
+    from kl_bench.cli import main
+
+    argv = ["recommend", "--family", "mixture", "--shape", "2x2", "--backends", "numpy", "--from", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "APPROXIMATE" in out and "nats" in out and "kl_bench.kl_mixture(" in out
+    worst = float(out.split("worst error ")[1].split()[0])
+    assert worst <= 0.1
+    assert (tmp_path / "cells" / "mixture_timing-mixture-float64-2x2.parquet").exists()
+    assert main(argv + ["--max-error", "1e-9"]) == 1  # the cells are reused; nothing is that accurate
+    assert "nothing measured meets" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-ulps", "4"], "--max-ulps does not apply to --family mixture"),
+    (["--dtype", "float32"], "measured in float64 only"),
+    (["--max-error", "-1"], "--max-error must be positive"),
+])
+def test_recommend_mixture_refuses_options_that_do_not_apply(tmp_path, capsys, extra, message):
+    from kl_bench.cli import main
+
+    assert main(["recommend", "--family", "mixture", "--shape", "2x2", "--from", str(tmp_path)] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert main(["recommend", "--family", "vae", "--shape", "2x2", "--max-error", "0.1", "--from", str(tmp_path)]) == 2

@@ -15,6 +15,7 @@ bracket the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import zlib
@@ -248,3 +249,73 @@ def check(fn, backend: str = "numpy", seed: int = 0, timeout: float | None = Non
     df = pd.DataFrame(rows)
     return MixtureCheck(df, bool(df.passed.all()), target_name(fn))
 
+
+
+# -- speed, and the approximations' error for kl-bench recommend --family mixture ----------------
+
+SAMPLE_COUNTS = (1024, 4096, 16384, 65536)  # the Monte-Carlo sizes timed and judged
+TIMING_COMPONENTS = 4  # m of the timed mixtures (both p and q)
+TIMING_SHAPES = ((8, 8),)  # (B, k) of kl-bench run's mixture timing cell
+TIMING_MEMORY_LIMIT = 2**28  # bytes: a call holds about B x draws x m x k float64 numbers at once
+TIMING_COLUMNS = ["family", "subject", "backend", "device", "dtype", "method", "num_samples", "B", "k", "m", "seconds", "error"]
+CONFIDENCE_SIGMAS = 4.0  # a Monte-Carlo estimate's error, for recommend: this many standard errors
+
+
+def approximations() -> list[tuple[str, int]]:
+    """(method, num_samples) of every approximation timed and judged (0 draws: the variational one)."""
+    return [("variational", 0)] + [("mc", n) for n in SAMPLE_COUNTS]
+
+
+def approximation_label(method: str, num_samples: int) -> str:
+    return "variational" if method == "variational" else f"mc, {num_samples} draws"
+
+
+def timing_sweep(batch: int, k: int, backend_names=None, repeats: int = 5, progress: bool = False) -> pd.DataFrame:
+    """Seconds per call of ``kl_mixture`` with every approximation, on every backend and device,
+    at B pairs of mixtures of ``TIMING_COMPONENTS`` components in k dimensions (float64): a tidy
+    DataFrame with the columns ``TIMING_COLUMNS``. A Monte-Carlo size whose draws would hold more
+    than ``TIMING_MEMORY_LIMIT`` bytes is not timed (the row says so)."""
+    from .. import kl_mixture
+    from .subjects import ARRAY, available
+    from .timing import median_seconds
+
+    case = generate(k, TIMING_COMPONENTS, 2.0)
+    arrays = [np.broadcast_to(a, (batch, *np.shape(a))) for a in case.arrays]
+    rows = []
+    for subject in [s for s in available(backend_names, methods=("stable",)) if s.ours and s.mode == ARRAY]:
+        with subject.be.computing("float64"):
+            given = [subject.asarray(np.ascontiguousarray(a), "float64") for a in arrays]
+            for method, n in approximations():
+                row = {"family": FAMILY, "subject": f"kl_mixture[{subject.backend}-{subject.device}]", "backend": subject.backend,
+                       "device": subject.device, "dtype": "float64", "method": method, "num_samples": n, "B": batch, "k": k,
+                       "m": TIMING_COMPONENTS, "seconds": np.nan, "error": ""}
+                if batch * n * TIMING_COMPONENTS * k * 8 > TIMING_MEMORY_LIMIT:
+                    rows.append(row | {"error": f"not timed: its draws would hold more than {TIMING_MEMORY_LIMIT >> 20} MiB"})
+                    continue
+                if progress:
+                    print(f"  timing mixture B={batch} k={k} {row['subject']} {approximation_label(method, n)}", file=sys.stderr, flush=True)
+                options = {"method": method} | ({"num_samples": n, "seed": 0} if n else {})
+                row["seconds"] = median_seconds(functools.partial(kl_mixture, *given, **options), subject.be, repeats)
+                rows.append(row)
+    return pd.DataFrame(rows, columns=TIMING_COLUMNS)
+
+
+def approximation_errors(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per approximation, its worst error over the sweep's cases (nats): the variational one's
+    distance from the reference plus the reference's own error; a Monte-Carlo estimate's
+    ``CONFIDENCE_SIGMAS`` standard errors, scaled from the sweep's ``NUM_SAMPLES`` draws to its own
+    by 1/sqrt(draws) (it is unbiased: its error is its spread)."""
+    variational = float((sweep.variational_error.abs() + sweep.reference_error).max())
+    spread = float(sweep.mc_stderr.max())
+    worst = [variational if method == "variational" else CONFIDENCE_SIGMAS * spread * math.sqrt(NUM_SAMPLES / n)
+             for method, n in approximations()]
+    return pd.DataFrame({"method": [m for m, _ in approximations()], "num_samples": [n for _, n in approximations()],
+                         "worst_error": worst})
+
+
+def timing_table(df: pd.DataFrame) -> pd.DataFrame:
+    """ms per call: one row per shape and approximation, one column per backend and device."""
+    df = df[df.error.fillna("") == ""].assign(
+        approximation=lambda d: [approximation_label(m, n) for m, n in zip(d.method, d.num_samples)],
+        where=lambda d: d.backend + "-" + d.device, ms=lambda d: d.seconds * 1e3)
+    return df.pivot_table(index=["B", "k", "m", "approximation"], columns="where", values="ms", aggfunc="min")

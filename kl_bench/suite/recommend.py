@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import accel, families
-from . import runner, tables
+from . import mixtures, runner, tables
 from .subjects import ARRAY, FUSED, MODES
 
 # One line of code per implementation; {f} is the family, {args} its arguments, {dist} how p and q are built.
@@ -59,9 +59,10 @@ DISTRIBUTIONS = {  # per implementation and family (as subjects.py builds them)
 class Choice:
     subject: str
     seconds: float
-    worst_ulps: float
+    worst_error: float
     worst_share: float  # the largest error / requirement over the case sets
     code: str
+    unit: str = "ulps"
 
 
 def code_line(row: pd.Series, family: str) -> str:
@@ -97,19 +98,8 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     """Qualifying subjects, fastest first, and how many cells were measured for it (not counting
     cells an earlier call measured and stored)."""
     cells = [runner.Cell("accuracy", family, dtype, "quick"), runner.Cell("timing", family, dtype, f"{batch}x{k}")]
-    frames = tables.read(out) if out.exists() else {}
-    have = {
-        "accuracy": "accuracy" in frames and ((frames["accuracy"].family == family) & (frames["accuracy"].dtype == dtype)).any(),
-        "timing": "timing" in frames and ((frames["timing"].family == family) & (frames["timing"].dtype == dtype)
-                                          & (frames["timing"].B == batch) & (frames["timing"].k == k)).any(),
-    }
-    missing = [c for c in cells if not have[c.kind]]
-    measured, reused = {}, 0
-    if missing:  # from the run's cells where an earlier recommend stored them, else measured now
-        results, reused = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
-        measured = runner.frames(results)
-    acc = pd.concat([frames.get("accuracy", pd.DataFrame()), measured.get("accuracy", pd.DataFrame())], ignore_index=True)
-    tim = pd.concat([frames.get("timing", pd.DataFrame()), measured.get("timing", pd.DataFrame())], ignore_index=True)
+    found, measured = _tables(out, cells, backend_names, quiet)
+    acc, tim = found["accuracy"], found["timing"]
     acc = acc[(acc.family == family) & (acc.dtype == dtype) & (acc.device == device)]
     tim = tim[(tim.family == family) & (tim.dtype == dtype) & (tim.device == device) & (tim.B == batch) & (tim.k == k)
               & (tim.error.fillna("") == "")]
@@ -121,4 +111,60 @@ def recommend(out: Path, family: str, batch: int, k: int, dtype: str, device: st
     tim = tim[tim.subject.isin(good.index)].sort_values("seconds")
     choices = [Choice(row.subject, row.seconds, float(good.worst[row.subject]), float(good.share[row.subject]), code_line(row, family))
                for _, row in tim.iterrows()]
-    return choices, len(missing) - reused
+    return choices, measured
+
+
+DEFAULT_MAX_ERROR = 0.1  # nats: the requirement of recommend --family mixture unless --max-error
+
+
+def recommend_mixture(out: Path, batch: int, k: int, device: str = "cpu", max_error: float | None = None,
+                      backend_names=None, quiet: bool = False) -> tuple[list[Choice], int]:
+    """kl_mixture's approximations (variational, Monte-Carlo at each size of ``mixtures.SAMPLE_COUNTS``)
+    whose worst error over the run's mixture sweep (``mixtures.approximation_errors``) is within
+    ``max_error`` nats, fastest first at B pairs of mixtures in k dimensions, and how many cells
+    were measured for it."""
+    max_error = DEFAULT_MAX_ERROR if max_error is None else max_error
+    cells = [runner.Cell(mixtures.FAMILY, mixtures.FAMILY, "float64", "quick"),
+             runner.Cell(runner.MIXTURE_TIMING, mixtures.FAMILY, "float64", f"{batch}x{k}")]
+    found, measured = _tables(out, cells, backend_names, quiet)
+    errors = mixtures.approximation_errors(found[mixtures.FAMILY])
+    tim = found[runner.MIXTURE_TIMING]
+    tim = tim[(tim.device == device) & (tim.B == batch) & (tim.k == k) & (tim.error.fillna("") == "")]
+    tim = tim.merge(errors, on=["method", "num_samples"])
+    tim = tim[tim.worst_error <= max_error].sort_values("seconds")
+    choices = [Choice(f"{row.subject} {mixtures.approximation_label(row.method, row.num_samples)}", row.seconds, row.worst_error,
+                      row.worst_error / max_error, _mixture_code(row), unit="nats")
+               for _, row in tim.iterrows()]
+    return choices, measured
+
+
+def _mixture_code(row) -> str:
+    options = 'method="variational"' if row.method == "variational" else f"num_samples={row.num_samples}, seed=seed"
+    arrays = {"numpy": "NumPy arrays", "torch": "torch tensors", "jax": "JAX arrays"}[row.backend]
+    return (f"kl_bench.kl_mixture(logits_p, loc_p, logvar_p, logits_q, loc_q, logvar_q, {options})"
+            f"  # {arrays} on {row.device}, float64, {row.m} components each")
+
+
+def _tables(out: Path, cells, backend_names, quiet: bool) -> tuple[dict[str, pd.DataFrame], int]:
+    """The run's tables of the cells' kinds, with the cells whose rows they lack measured into the
+    run (or read from its cells/ where an earlier recommend stored them), and how many were measured."""
+    frames = tables.read(out) if out.exists() else {}
+    missing = [c for c in cells if not _holds(frames.get(c.kind), c)]
+    measured, reused = {}, 0
+    if missing:
+        results, reused = runner.execute(missing, out, backend_names, compiled=False, quiet=quiet)
+        measured = runner.frames(results)
+    merged = {c.kind: pd.concat([frames.get(c.kind, pd.DataFrame()), measured.get(c.kind, pd.DataFrame())], ignore_index=True)
+              for c in cells}
+    return merged, len(missing) - reused
+
+
+def _holds(df: pd.DataFrame | None, cell) -> bool:
+    """Does a run's table have rows of this cell (its family and dtype, and its shape for timing)?"""
+    if df is None or not len(df):
+        return False
+    rows = (df.family == cell.family) & (df.dtype == cell.dtype)
+    if cell.kind in ("timing", runner.MIXTURE_TIMING):
+        batch, k = (int(v) for v in cell.part.split("x"))
+        rows &= (df.B == batch) & (df.k == k)
+    return bool(rows.any())

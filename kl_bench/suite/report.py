@@ -171,6 +171,11 @@ def sections(frames: dict[str, pd.DataFrame]) -> list[tuple[str, pd.DataFrame]]:
                     "estimate's error in standard errors; widest_bracket: upper - lower; bracketed: the share of cases "
                     "whose reference the bounds held)",
                     mixtures.summary(mix).set_index(["k", "m"])))
+    mix_time = frames.get("mixture_timing")
+    if mix_time is not None and len(mix_time):
+        out.append(("Gaussian mixtures, kl_mixture: ms per call of each approximation (APPROXIMATE; float64, "
+                    f"{mixtures.TIMING_COMPONENTS} components; kl-bench recommend --family mixture weighs them by error)",
+                    mixtures.timing_table(mix_time)))
     return out
 
 

@@ -2,7 +2,8 @@
 
 A cell is one (kind, family, dtype, part): an accuracy cell runs every subject on the case sets of
 one sweep part ("quick", "closeness", ...), a timing cell times every subject at one shape, the
-mixture cell runs ``kl_mixture``'s sweep (``suite/mixtures.py``; approximate by nature). Cells
+mixture cell runs ``kl_mixture``'s sweep (``suite/mixtures.py``; approximate by nature) and a
+mixture_timing cell times its approximations at one shape. Cells
 are independent: accuracy cells run serially, in ``--jobs`` processes or on a Dask cluster
 (``--scheduler``); timing cells run in this process one at a time. Each is written atomically to ``DIR/cells/<name>.parquet`` when it
 finishes. A run started again with the same directory reuses every cell file that reads back
@@ -37,6 +38,7 @@ PLANS = {
 }
 RUNS_DIR = Path("reports") / "runs"
 MIXTURE = mixtures.FAMILY  # the cell (and --families name) of kl_mixture's sweep
+MIXTURE_TIMING = "mixture_timing"  # the cells (and table) of kl_mixture's speed
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def plan(mode: str = "quick", family_names=None, dtypes=None) -> list[Cell]:
             cells += [Cell("timing", family, dtype, f"{b}x{k}") for b, k in timing.shapes(family, spec["timing"])]
     if (family_names is None or MIXTURE in family_names) and (not dtypes or "float64" in dtypes):
         cells.append(Cell(MIXTURE, MIXTURE, "float64", mode))
+        cells += [Cell(MIXTURE_TIMING, MIXTURE, "float64", f"{b}x{k}") for b, k in mixtures.TIMING_SHAPES]
     return cells
 
 
@@ -77,6 +80,8 @@ def compute(cell: Cell, backend_names, compiled: bool, seed: int = 0) -> pd.Data
     if cell.kind == MIXTURE:
         return mixtures.mixture_sweep(cell.part, seed, progress=False)
     batch, k = (int(v) for v in cell.part.split("x"))
+    if cell.kind == MIXTURE_TIMING:
+        return mixtures.timing_sweep(batch, k, backend_names)
     subjects = timing.default_subjects(backend_names, compiled)
     # An interrupted cell must not be stored as finished: the interrupt goes through.
     return timing.timing_sweep([cell.family], subjects, [cell.dtype], at=[(batch, k)], progress=False, keep_partial=False)
@@ -99,6 +104,7 @@ def record(cell: Cell, backend_names, compiled: bool, seed: int) -> dict:
     from .reference import REFERENCE_VERSION
 
     subjects = {"accuracy": lambda: available(backend_names, compiled=compiled), MIXTURE: list,
+                MIXTURE_TIMING: lambda: available(backend_names, methods=("stable",)),
                 "timing": lambda: timing.default_subjects(backend_names, compiled)}[cell.kind]()
     return {"format": CELL_FORMAT, "cell": cell.name, "seed": seed, "compiled": compiled,
             "subjects": sorted(s.name for s in subjects), "kl_bench": __version__, "reference": REFERENCE_VERSION,
@@ -270,9 +276,10 @@ def execute(cells, out: Path, backend_names, compiled: bool, jobs: int = 1, sche
 
 
 def frames(results: dict) -> dict[str, pd.DataFrame]:
-    """The tidy tables of a run, in plan order: accuracy, timing and mixture."""
+    """The tidy tables of a run, in plan order: accuracy, timing, mixture and mixture_timing."""
     out = {}
-    for kind, columns in (("accuracy", accuracy.COLUMNS), ("timing", timing.COLUMNS), (MIXTURE, mixtures.COLUMNS)):
+    for kind, columns in (("accuracy", accuracy.COLUMNS), ("timing", timing.COLUMNS), (MIXTURE, mixtures.COLUMNS),
+                          (MIXTURE_TIMING, mixtures.TIMING_COLUMNS)):
         parts = [df for cell, df in results.items() if cell.kind == kind and len(df)]
         out[kind] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     return out

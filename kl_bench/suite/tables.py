@@ -10,7 +10,7 @@ import pandas as pd
 from ..backends import FLOAT_DTYPES
 from .subjects import ARRAY, FUSED
 
-KINDS = ("accuracy", "timing", "mixture")  # the tables of a run
+KINDS = ("accuracy", "timing", "mixture", "mixture_timing")  # the tables of a run
 
 
 def worst_table(df: pd.DataFrame) -> pd.DataFrame:
