@@ -129,9 +129,15 @@ class Backend:
         definite (their factor is garbage and must not be used)."""
         raise NotImplementedError
 
-    def solve_triangular(self, a, b):
-        """Solve ``a @ x = b`` for lower-triangular ``a`` (..., k, k) and ``b`` (..., k, m);
-        batch dimensions must already agree."""
+    def solve_triangular(self, a, b, upper: bool = False):
+        """Solve ``a @ x = b`` for lower-triangular ``a`` (..., k, k) (upper-triangular with
+        ``upper``) and ``b`` (..., k, m); batch dimensions must already agree."""
+        raise NotImplementedError
+
+    def largest(self, x, n: int):
+        """Indices (..., n) of the n largest entries of ``x`` (..., k) along its last axis (in no
+        particular order), and a boolean mask (..., k) of them: a selection in O(k), where sorting
+        would cost O(k log k)."""
         raise NotImplementedError
 
     # -- execution ----------------------------------------------------------------------------
@@ -209,12 +215,18 @@ class NumpyBackend(Backend):
                 bad[index] = True
         return out, bad
 
-    def solve_triangular(self, a, b):
+    def solve_triangular(self, a, b, upper=False):
         if a.size == 0 or b.size == 0:  # SciPy refuses empty batches
             return np.zeros(b.shape, dtype=np.result_type(a, b))
         from scipy.linalg import solve_triangular
 
-        return solve_triangular(a, b, lower=True, check_finite=False)
+        return solve_triangular(a, b, lower=not upper, check_finite=False)
+
+    def largest(self, x, n):
+        rows = np.argpartition(-x, n - 1, axis=-1)[..., :n]
+        mask = np.zeros(x.shape, dtype=bool)
+        np.put_along_axis(mask, rows, True, axis=-1)
+        return rows, mask
 
 
 class TorchBackend(Backend):
@@ -275,8 +287,12 @@ class TorchBackend(Backend):
         factor, info = self.torch.linalg.cholesky_ex(a)
         return factor, info != 0
 
-    def solve_triangular(self, a, b):
-        return self.torch.linalg.solve_triangular(a, b, upper=False)
+    def solve_triangular(self, a, b, upper=False):
+        return self.torch.linalg.solve_triangular(a, b, upper=upper)
+
+    def largest(self, x, n):
+        rows = self.torch.topk(x, n, dim=-1).indices
+        return rows, self.torch.zeros(x.shape, dtype=self.torch.bool, device=x.device).scatter(-1, rows, True)
 
     differentiable = True
 
@@ -366,10 +382,15 @@ class JaxBackend(Backend):
         factor = jnp.linalg.cholesky(a)
         return factor, jnp.any(jnp.isnan(factor), axis=(-2, -1))
 
-    def solve_triangular(self, a, b):
+    def solve_triangular(self, a, b, upper=False):
         from jax.scipy.linalg import solve_triangular
 
-        return solve_triangular(a, b, lower=True)
+        return solve_triangular(a, b, lower=not upper)
+
+    def largest(self, x, n):
+        rows = self.jax.lax.top_k(x, n)[1]
+        jnp = self.jax.numpy
+        return rows, jnp.put_along_axis(jnp.zeros(x.shape, dtype=bool), rows, True, axis=-1, inplace=False)
 
     def is_traced(self, x):
         return isinstance(x, self.jax.core.Tracer)

@@ -470,57 +470,140 @@ def _lowrank_dense(be, dmu, w_p, d_p, w_q, d_q):
 
 def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
     """2 KL = ||z||^2 + f(S_q^-1 T) + f(T^-1 S_p) + tr((S_q^-1 - T^-1)(S_p - T)), f(A) = tr(A) - k -
-    ln det A, through T = D_p + W_q W_q^T: the diagonal's change seen through q's factor, the
-    factor's change in T's metric (an r x r and a 2r x 2r problem) and their coupling, a product of
-    the two changes (docs/design.md, "Low-rank plus diagonal"). One pass over the factors makes
-    the weighted Gram matrices Y^T diag(w) Y of Y = [W_q, X], X = W_p - W_q; a second makes the
-    part of X that T's metric leaves. No QR or eigendecomposition: the gradients stay finite where
-    a factor or its change is rank deficient (a zero factor, p == q)."""
+    ln det A, through T = D + W_q W_q^T: the diagonal's change seen through q's factor, the rest of
+    the change (S_p - T = Y S Y^T, low rank) in T's metric, and their coupling, a product of the two
+    changes (docs/design.md, "Low-rank plus diagonal"). D is D_p but for the 2r coordinates where
+    q's factor dominates S_q (the largest leverages), where it keeps D_q: the diagonal's change there
+    joins the low-rank part as 2r unit columns (Y = [W_q, X, U], X = W_p - W_q), since seen through
+    the factor it would cancel to a cond(S_q)^2 part of itself. A pass over the factors makes the
+    weighted Gram matrices of [W_q, X]; a second makes the part of X that T's metric leaves; the
+    unit columns' part comes from their rows. No QR or eigendecomposition: the gradients stay
+    finite where a factor or its change is rank deficient (a zero factor, p == q)."""
     xp = be.xp
     t = xp.matrix_transpose
     r = w_q.shape[-1]
-    change = d_p - d_q
+    rows, dominated = _dominated_rows(be, w_q, d_q)
+    d = xp.where(dominated, d_q, d_p)
+    change = d - d_q
     x = w_p - w_q
-    w_e = change / (d_p * d_q)
-    # the weighted Gram matrices [W_q, X]^T D_p^-1 [W_q, X], [W_q, X]^T D_q^-1 E D_p^-1 [W_q, X] and
-    # W_q^T D_q^-2 E^2 D_p^-1 W_q; D_q^-1 = D_p^-1 + D_q^-1 E D_p^-1 gives W_q^T D_q^-1 [W_q, X]
-    g_t, g_e = _blocked_grams(xp, w_q, x, 1.0 / d_p), _blocked_grams(xp, w_q, x, w_e)
+    w_e = change / (d * d_q)
+    # the weighted Gram matrices [W_q, X]^T D^-1 [W_q, X] (the other rows' part, then the dominated
+    # rows' added: the Schur complement needs the first alone), [W_q, X]^T D_q^-1 E D^-1 [W_q, X] and
+    # W_q^T D_q^-2 E^2 D^-1 W_q (E = D - D_q); D_q^-1 = D^-1 + D_q^-1 E D^-1 gives W_q^T D_q^-1 [W_q, X]
+    g_outside, g_e = _blocked_grams(xp, w_q, x, xp.where(dominated, 0.0, 1.0 / d)), _blocked_grams(xp, w_q, x, w_e)
+    unit = _unit_columns(be, rows, w_q, x, d, d_p, d_q, g_outside)
+    g_t = g_outside + unit["gram"]
     g_q = g_t[..., :r, :] + g_e[..., :r, :]
     g_ee = t(w_q) @ (w_q * (change * w_e / d_q)[..., None])
     eye = be.eye_like(g_ee)
     c_q = _factor(be, eye + g_q[..., :r, :r])[0]  # I + W_q^T D_q^-1 W_q
-    b = g_t[..., :r, :r]  # V'^T V', V' = D_p^-1/2 W_q
-    c_t = _factor(be, eye + b)[0]  # T = D_p^1/2 (I + V' V'^T) D_p^1/2
-    c_p = _factor(be, eye + b + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:])[0]  # S_p's, by D_p
-    # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D E D_p^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
-    f_diag = (2.0 * xp.sum(_half_psi_of_ratio(be, d_p, d_q), axis=-1)
+    b = g_t[..., :r, :r]  # V'^T V', V' = D^-1/2 W_q
+    c_t = _factor(be, eye + b)[0]  # T = D^1/2 (I + V' V'^T) D^1/2
+    # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D E D^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
+    f_diag = (2.0 * xp.sum(_half_psi_of_ratio(be, d, d_q), axis=-1)
               + _trace_minus_logdet(be, -_congruent(be, c_q, g_e[..., :r, :r]), _logdet(xp, c_t) - _logdet(xp, c_q))
               - xp.sum(xp.linalg.diagonal(_congruent(be, c_q, g_ee)), axis=-1))
-    # f(T^-1 S_p) = g(S0 Z^T Z): S_p - T = Y S0 Y^T, S0 = [[0, I], [I, I]], Z = F^-1 D_p^-1/2 Y with
-    # F F^T = I + V' V'^T, F = I + V' (I + L)^-1 V'^T (L = c_t), F^-1 = I - V' A^-1 V'^T, A = L (I + L^T):
-    # F^-1 V' = V' A^-1 (I + L) and V'^T Z_X = (I + L) A^-1 V'^T X' need no subtraction.
-    a_matrix = c_t + c_t @ t(c_t)
-    m_x = xp.linalg.solve(a_matrix, g_t[..., :r, r:])  # A^-1 V'^T X'
-    rest = x - w_q @ m_x  # D_p^1/2 Z_X: the part of X that T's metric leaves
-    gram_xx = t(rest) @ (rest / d_p[..., None])
-    shift = eye + c_t
-    zv = xp.linalg.solve(a_matrix, shift)  # A^-1 (I + L): Z_V = V' zv
-    gram_vv, gram_vx = t(zv) @ b @ zv, t(zv) @ shift @ m_x
-    gram = xp.concat([xp.concat([gram_vv, gram_vx], axis=-1), xp.concat([t(gram_vx), gram_xx], axis=-1)], axis=-2)
-    k_matrix = xp.concat([gram[..., r:, :], gram[..., :r, :] + gram[..., r:, :]], axis=-2)  # S0 Z^T Z
-    f_factor = _trace_minus_logdet_of_product(be, k_matrix, _logdet(xp, c_p) - _logdet(xp, c_t))
-    # tr(S_q^-1 E T^-1 Y S0 Y^T) = tr(S0 (Y - W_q beta)^T D_q^-1 E D_p^-1 (Y - W_q alpha)), alpha and beta
-    # the coefficients of Y's projections that S_q^-1 and T^-1 remove
-    alpha = _solve_gram(be, c_q, g_q[..., :r, :])
-    beta = _solve_gram(be, c_t, g_t[..., :r, :])
+    gram = _metric_gram(be, x, w_q, d, b, c_t, g_t, unit)  # Y^T T^-1 Y
+    k_matrix = xp.concat([gram[..., r:2 * r, :], gram[..., :r, :] + gram[..., r:2 * r, :],
+                          unit["change"][..., None] * gram[..., 2 * r:, :]], axis=-2)  # S Y^T T^-1 Y
+    f_factor = _trace_minus_logdet_of_product(be, k_matrix, _logdet_of_p(be, g_t, unit) - _logdet(xp, c_t))
+    # tr(S_q^-1 E T^-1 Y S Y^T) = tr(S (Y - W_q beta)^T D_q^-1 E D^-1 (Y - W_q alpha)), alpha and beta
+    # the coefficients of Y's projections that S_q^-1 and T^-1 remove (E vanishes on U's rows)
+    g_e = _with_zero_unit_blocks(xp, g_e)
+    alpha = _solve_gram(be, c_q, xp.concat([g_q, t(unit["over_d"])], axis=-1))
+    beta = _solve_gram(be, c_t, xp.concat([g_t[..., :r, :], t(unit["over_d"])], axis=-1))
     projected = g_e - g_e[..., :, :r] @ alpha - t(beta) @ g_e[..., :r, :] + t(beta) @ g_e[..., :r, :r] @ alpha
-    coupling = xp.sum(xp.linalg.diagonal(projected[..., r:, :r] + projected[..., :r, r:] + projected[..., r:, r:]), axis=-1)
-    # ||z||^2 = dmu^T S_q^-1 dmu by Woodbury
-    # (1, k) @ (k, r) rather than (r, k) @ (k, 1): BLAS's transposed matrix-vector product is several times slower
+    diagonal = xp.linalg.diagonal(projected)
+    coupling = (xp.sum(xp.linalg.diagonal(projected[..., r:2 * r, :r] + projected[..., :r, r:2 * r]), axis=-1)
+                + xp.sum(diagonal[..., r:2 * r], axis=-1) + xp.sum(unit["change"] * diagonal[..., 2 * r:], axis=-1))
+    # ||z||^2 = dmu^T S_q^-1 dmu by Woodbury; (1, k) @ (k, r): BLAS's transposed matrix-vector product is slower
     inside = be.solve_triangular(c_q, t((dmu / d_q)[..., None, :] @ w_q))[..., 0]
     mean = xp.sum(dmu * dmu / d_q, axis=-1) - xp.sum(inside * inside, axis=-1)
     # every part but the coupling is >= 0; a sum that rounds below 0 is 0
     return 0.5 * xp.clip(f_diag + f_factor + coupling + mean, min=0.0)
+
+
+def _dominated_rows(be, w_q, d_q):
+    """Indices (..., 2r), and their mask (..., k), of the coordinates of largest leverage
+    v_i^T (I + V^T V)^-1 v_i, V = D_q^-1/2 W_q (the share of S_q's i-th diagonal entry that its
+    factor makes). The leverages sum to below r, so every coordinate left out has leverage below 1/2."""
+    xp = be.xp
+    t = xp.matrix_transpose
+    v = w_q / xp.sqrt(d_q)[..., None]
+    gram = t(v) @ v
+    eye = be.eye_like(gram)
+    inverse = be.solve_triangular(_factor(be, eye + gram)[0], xp.broadcast_to(eye, gram.shape))  # L^-1: a product below, not a k-column solve
+    return be.largest(xp.linalg.vector_norm(v @ t(inverse), axis=-1), 2 * w_q.shape[-1])
+
+
+def _unit_columns(be, rows, w_q, x, d, d_p, d_q, g_outside):
+    """What the unit columns U of the dominated coordinates A need, from those rows and the Gram
+    matrix of the others, ``g_outside`` = [W_q, X]^T D^-1 [W_q, X] over them: the rows of W_q and X,
+    E_A = (D_p - D_q) there, W_A^T D_A^-1, their own Gram matrix, and the factor of the Schur
+    complement S_A = D_A + W_A (I + G_B)^-1 W_A^T = [T^-1]_AA^-1 (G_B = W_q^T D^-1 W_q over the other
+    rows): a sum, where the Woodbury form of [T^-1]_AA would subtract nearly equal terms."""
+    xp = be.xp
+    t = xp.matrix_transpose
+
+    def take(a):  # the rows of a (..., k) or (..., k, c), broadcast to d's batch
+        if a.ndim == d.ndim:
+            return xp.take_along_axis(xp.broadcast_to(a, d.shape), rows, axis=-1)
+        return xp.take_along_axis(xp.broadcast_to(a, (*d.shape, a.shape[-1])), rows[..., None], axis=-2)
+
+    w_a, x_a, d_a, d_pa, d_qa = take(w_q), take(x), take(d), take(d_p), take(d_q)
+    over_d = w_a / d_a[..., None]  # (n, r)
+    r = w_q.shape[-1]
+    g_b = g_outside[..., :r, :r]
+    c_b = _factor(be, be.eye_like(g_b) + g_b)[0]  # I + G_B
+    q = _solve_gram(be, c_b, t(w_a))  # (I + G_B)^-1 W_A^T
+    schur = _factor(be, be.eye_like(w_a @ q) * d_a[..., None, :] + w_a @ q)[0]
+    w_pa = w_a + x_a
+    return {"rows": w_a, "x": x_a, "over_d": over_d, "change": d_pa - d_qa, "q": q, "schur": schur,
+            "gram": _blocked_grams(xp, w_a, x_a, 1.0 / d_a), "outside": g_outside[..., :r, r:],
+            # W_p^T (D_p^-1 - D^-1) W_p and ln det D_p - ln det D, both from these rows alone
+            "gram_p": t(w_pa) @ (w_pa * (1.0 / d_pa - 1.0 / d_a)[..., None]),
+            "log_ratio": xp.sum(xp.log(d_pa) - xp.log(d_qa), axis=-1)}
+
+
+def _metric_gram(be, x, w_q, d, b, c_t, g_t, unit):
+    """Y^T T^-1 Y for Y = [W_q, X, U] (T = D^1/2 F F^T D^1/2, F F^T = I + V' V'^T): by blocks.
+    [W_q, X]'s from Z = F^-1 D^-1/2 [W_q, X] with F = I + V' (I + L)^-1 V'^T (L = c_t), F^-1 =
+    I - V' A^-1 V'^T, A = L (I + L^T): F^-1 V' = V' A^-1 (I + L) and V'^T Z_X = (I + L) A^-1 V'^T X'
+    need no subtraction, and Z_X is formed (the part of X that T's metric leaves). U's from the
+    Schur complement: U^T T^-1 U = S_A^-1, U^T T^-1 W_q = W_A^T D_A^-1 (I + b)^-1 and U^T T^-1 X =
+    S_A^-1 (X_A - W_A (I + G_B)^-1 W_q^T D^-1 X over the other rows)."""
+    xp = be.xp
+    t = xp.matrix_transpose
+    r = w_q.shape[-1]
+    eye = be.eye_like(b)
+    a_matrix = c_t + c_t @ t(c_t)
+    m_x = xp.linalg.solve(a_matrix, g_t[..., :r, r:])  # A^-1 V'^T X'
+    rest = x - w_q @ m_x  # D^1/2 Z_X
+    gram_xx = t(rest) @ (rest / d[..., None])
+    shift = eye + c_t
+    zv = xp.linalg.solve(a_matrix, shift)  # A^-1 (I + L): Z_V = V' zv
+    gram_vv, gram_vx = t(zv) @ b @ zv, t(zv) @ shift @ m_x
+    over_d, schur = unit["over_d"], unit["schur"]
+    gram_uv = t(_solve_gram(be, c_t, t(over_d)))
+    gram_ux = _solve_gram(be, schur, unit["x"] - t(unit["q"]) @ unit["outside"])
+    gram_uu = _solve_gram(be, schur, xp.broadcast_to(be.eye_like(schur), schur.shape))
+    return xp.concat([xp.concat([gram_vv, gram_vx, t(gram_uv)], axis=-1),
+                      xp.concat([t(gram_vx), gram_xx, t(gram_ux)], axis=-1),
+                      xp.concat([gram_uv, gram_ux, gram_uu], axis=-1)], axis=-2)
+
+
+def _logdet_of_p(be, g_t, unit):
+    """ln det S_p - ln det D, with W_p = W_q + X and D_p = D but on the dominated rows."""
+    xp = be.xp
+    r = unit["rows"].shape[-1]
+    gram_p = g_t[..., :r, :r] + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:] + unit["gram_p"]  # W_p^T D_p^-1 W_p
+    return _logdet(xp, _factor(be, be.eye_like(gram_p) + gram_p)[0]) + unit["log_ratio"]
+
+
+def _with_zero_unit_blocks(xp, g):
+    """``g`` (..., 2r, 2r) bordered by 2r zero rows and columns (the unit columns' blocks)."""
+    zeros = xp.zeros_like(g)
+    return xp.concat([xp.concat([g, zeros], axis=-1), xp.concat([zeros, zeros], axis=-1)], axis=-2)
 
 
 def _blocked_grams(xp, a, b, weights):
@@ -533,7 +616,7 @@ def _blocked_grams(xp, a, b, weights):
 
 def _solve_gram(be, factor, b):
     """(L L^T)^-1 B for a lower factor L."""
-    return be.xp.linalg.solve(be.xp.matrix_transpose(factor), be.solve_triangular(factor, b))
+    return be.solve_triangular(be.xp.matrix_transpose(factor), be.solve_triangular(factor, b), upper=True)
 
 
 # g(K) = sum_{n>=2} (-1)^n tr(K^n) / n where the spectral radius is below 1/2: terms to 2^-55 (2^-26),

@@ -77,3 +77,53 @@ def test_gradients_are_finite_from_a_zero_factor():
 def test_bad_input_names_the_argument(args, message):
     with pytest.raises(ValueError, match=message):
         kl_bench.kl_lowrank(*args(*_params(2, 6, 2)))
+
+
+def _cond(w, d):
+    return np.linalg.cond(w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1]))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_a_diagonal_change_where_q_factor_dominates(backend):
+    """p differs from q only in the diagonal, on a coordinate whose variance q's factor makes (a
+    column of size 50 on that row alone), beside a larger column shared by 30 rows (each of
+    leverage about 1/30, yet the largest rows by norm): the change is found by its leverage, not
+    its row's norm, and comes out within 16 + cond(S_q) ulps. Seen through the factor it would
+    cancel to about 1/50^4 of its parts."""
+    from kl_bench import backends
+
+    be = backends.get(backend)
+    if not be.installed():
+        pytest.skip(f"{backend} is not installed")
+    n, k = 4, 40
+    mu, _, d_q = _params(n, k, 2)
+    w = np.zeros((n, k, 2))
+    w[:, 5, 0], w[:, 10:, 1] = 50.0, 100.0
+    d_p = d_q.copy()
+    d_p[:, 5] *= 1 + 1e-3 * RNG.uniform(-1, 1, n)
+    args = (mu, w, d_p, mu, w, d_q)
+    with be.computing("float64"):
+        computed = be.to_numpy(kl_bench.kl_lowrank(*[be.asarray(a, dtype="float64") for a in args]))
+    exact = reference.kl_lowrank(*args, cache=False)
+    for c, e, cond in zip(computed, exact, _cond(w, d_q)):
+        assert metrics.ulps(float(c), e, "float64") <= 16 + cond, (c, e, cond)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+def test_largest_selects_exactly_n_entries(backend):
+    """Backend.largest, which picks the dominated coordinates: the n largest, and exactly n even
+    where entries tie (a zero factor gives every coordinate leverage 0)."""
+    from kl_bench import backends
+
+    be = backends.get(backend)
+    if not be.installed():
+        pytest.skip(f"{backend} is not installed")
+    x = RNG.permutation(np.arange(24.0)).reshape(2, 12)
+    for values, n in ((x, 5), (np.zeros((2, 12)), 4)):
+        with be.computing("float64"):
+            rows, mask = be.largest(be.asarray(values, dtype="float64"), n)
+        rows, mask = np.asarray(be.to_numpy(rows)).astype(int), np.asarray(be.to_numpy(mask)).astype(bool)
+        assert rows.shape == (2, n) and np.all(mask.sum(axis=-1) == n)
+        assert np.array_equal(np.sort(rows, axis=-1), np.sort(np.nonzero(mask)[1].reshape(2, n), axis=-1))
+        kth = np.sort(values, axis=-1)[:, -n][:, None]
+        assert np.all(np.take_along_axis(values, rows, axis=-1) >= kth)

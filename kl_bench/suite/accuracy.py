@@ -30,7 +30,7 @@ def references(case: cases.CaseSet) -> np.ndarray:
 def case_bounds(case: cases.CaseSet) -> np.ndarray:
     """The stable bound of each case (NaN where nothing is promised)."""
     conds = case.cond if case.cond is not None else [None] * case.n
-    limits = [bounds.ulp_bound(case.family, case.dtype, case.k, c, case.regime) for c in conds]
+    limits = [bounds.ulp_bound(case.family, case.dtype, case.k, c) for c in conds]
     return np.array([np.nan if b is None else b for b in limits], dtype=float)
 
 

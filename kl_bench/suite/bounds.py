@@ -12,18 +12,10 @@ from ..backends import HALF_DTYPES
 TRIL_MAX_COND = 1e4  # kl_tril's bound is promised for cond(S_q) up to this
 
 
-# kl_lowrank's O(k r^2) route splits the change of the diagonal from that of the factor; where the
-# factor hides a change of the diagonal (docs/design.md, "Low-rank plus diagonal") the two parts
-# cancel, and nothing is promised: the regime is measured.
-UNPROMISED_REGIMES = {("lowrank", "aligned-diagonal")}
-
-
-def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None, regime: str | None = None) -> float | None:
+def ulp_bound(family: str, dtype: str, k: int, cond: float | None = None) -> float | None:
     """Largest error allowed for one result; None where nothing is promised.
     ``cond`` is cond(S_q) for the full-covariance families."""
     if family == "tril" and cond is not None and cond > TRIL_MAX_COND * 1.01:
-        return None
-    if (family, regime) in UNPROMISED_REGIMES:
         return None
     if dtype in HALF_DTYPES:
         return 1.0  # computed in float32 and rounded once

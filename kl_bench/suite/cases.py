@@ -20,8 +20,8 @@ Regimes (docs/design.md, "Measuring accuracy"):
   magnitude (three in half precision) under a factor of size 1, q near p.
 - ``full-rank`` (lowrank): r = k, q within 1e-6 of p (the dense route of ``kernels.kl_lowrank``).
 - ``aligned-diagonal`` (lowrank; param: condition number of S_q): q's factor large on r of the
-  coordinates and p differing from q only in the diagonal there, a change the factor hides; the
-  limitation documented in docs/design.md ("Low-rank plus diagonal"): measured, not promised.
+  coordinates and p differing from q only in the diagonal there, a change the factor hides
+  (docs/design.md, "Low-rank plus diagonal": why ``kl_lowrank`` treats those coordinates apart).
 
 ``case_sets(family, dtype, sweep)`` names the case sets of each sweep: ``quick`` (the correctness
 suite and ``kl-bench run``), ``closeness`` (error versus the relative perturbation),

@@ -7,7 +7,7 @@ exits, crashes the process or hangs (``isolation``: the function runs in a worke
 from the certified reference than its allowance: by default the accuracy this project promises for
 the family and dtype (``bounds.ulp_bound``: what ``kl_bench`` itself guarantees), or ``max_ulps``
 when given; plus cond(S_q) ulps for the full-covariance families; where nothing is promised (a
-Cholesky factor with cond(S_q) beyond 1e4, the low-rank family's aligned-diagonal regime), 4 x
+Cholesky factor with cond(S_q) beyond 1e4), 4 x
 this project's own error, at least 16 ulps. Mixtures have their own check (``mixtures.check``).
 """
 
@@ -199,7 +199,7 @@ def allowances(case: cases.CaseSet, ours_ulps: np.ndarray, max_ulps: float | Non
     full = families.get(case.family).full
     if max_ulps is not None:
         return np.full(case.n, float(max_ulps)) + (conds if full else 0.0)
-    promised = [bounds.ulp_bound(case.family, case.dtype, case.k, c if full else None, case.regime) for c in conds]
+    promised = [bounds.ulp_bound(case.family, case.dtype, case.k, c if full else None) for c in conds]
     unpromised = np.maximum(OURS_FACTOR * ours_ulps, UNPROMISED_FLOOR) + conds
     return np.array([u if b is None else b for b, u in zip(promised, unpromised)], dtype=float)
 
