@@ -315,7 +315,8 @@ def approximation_errors(sweep: pd.DataFrame) -> pd.DataFrame:
 
 def timing_table(df: pd.DataFrame) -> pd.DataFrame:
     """ms per call: one row per shape and approximation, one column per backend and device."""
-    df = df[df.error.fillna("") == ""].assign(
-        approximation=lambda d: [approximation_label(m, n) for m, n in zip(d.method, d.num_samples)],
-        where=lambda d: d.backend + "-" + d.device, ms=lambda d: d.seconds * 1e3)
-    return df.pivot_table(index=["B", "k", "m", "approximation"], columns="where", values="ms", aggfunc="min")
+    df = df[df.error.fillna("") == ""].assign(where=lambda d: d.backend + "-" + d.device, ms=lambda d: d.seconds * 1e3)
+    table = df.pivot_table(index=["B", "k", "m", "method", "num_samples"], columns="where", values="ms", aggfunc="min")
+    labels = [(b, k, m, approximation_label(method, n)) for b, k, m, method, n in table.index]  # draws in numeric order
+    table.index = pd.MultiIndex.from_tuples(labels, names=["B", "k", "m", "approximation"])
+    return table
