@@ -415,8 +415,13 @@ def kl_lowrank(be, loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_dia
     factor_sums = xp.sum(cov_factor_p, axis=(-2, -1)) + xp.sum(cov_factor_q, axis=(-2, -1))
     nan_rows = _any_nan(xp, (loc_p, 1), (cov_diag_p, 1), (loc_q, 1), (cov_diag_q, 1), (factor_sums, 0))
     not_positive = {name: xp.any(d <= 0, axis=-1) for name, d in (("cov_diag_p", cov_diag_p), ("cov_diag_q", cov_diag_q))}
-    invalid = nan_rows | not_positive["cov_diag_p"] | not_positive["cov_diag_q"]
     problems = {(name, "must be positive"): bad for name, bad in not_positive.items()} if check else {}
+    # an infinite variance on one side, or means infinitely apart, make the KL +inf; infinite
+    # variances on both sides of one coordinate are inf / inf, NaN
+    inf_p, inf_q = xp.isinf(cov_diag_p), xp.isinf(cov_diag_q)
+    bad = nan_rows | not_positive["cov_diag_p"] | not_positive["cov_diag_q"] | xp.any(inf_p & inf_q, axis=-1)
+    unbounded = ~bad & (xp.any(inf_p | inf_q, axis=-1) | xp.any(xp.isinf(loc_p - loc_q), axis=-1))
+    invalid = bad | unbounded  # left out of the arithmetic
     rows = invalid[..., None]
     loc_p, loc_q = xp.where(rows, 0.0, loc_p), xp.where(rows, 0.0, loc_q)
     d_p, d_q = xp.where(rows, 1.0, cov_diag_p), xp.where(rows, 1.0, cov_diag_q)
@@ -426,7 +431,8 @@ def kl_lowrank(be, loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_dia
         kernel = _lowrank_naive
     else:  # with k <= 2r, forming the k x k covariances costs no more than O(k r^2)
         kernel = _lowrank_dense if d_p.shape[-1] <= 2 * w_p.shape[-1] else _lowrank_stable
-    return _nan_where(be, invalid, kernel(be, loc_p - loc_q, w_p, d_p, w_q, d_q)), problems
+    kl = _nan_where(be, bad, kernel(be, loc_p - loc_q, w_p, d_p, w_q, d_q))
+    return xp.where(unbounded, float("inf"), kl), problems
 
 
 def _same_rank(xp, w_p, w_q):
@@ -499,7 +505,7 @@ def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
     c_q = _factor(be, eye + g_q[..., :r, :r])[0]  # I + W_q^T D_q^-1 W_q
     b = g_t[..., :r, :r]  # V'^T V', V' = D^-1/2 W_q
     c_t = _factor(be, eye + b)[0]  # T = D^1/2 (I + V' V'^T) D^1/2
-    # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D E D^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
+    # f(S_q^-1 T) = sum psi(e_i) + g(-C_q^-1/2 W_q^T D_q^-1 E D^-1 W_q C_q^-1/2) - tr(...E^2...), g(M) = tr M - ln det(I + M)
     f_diag = (2.0 * xp.sum(_half_psi_of_ratio(be, d, d_q), axis=-1)
               + _trace_minus_logdet(be, -_congruent(be, c_q, g_e[..., :r, :r]), _logdet(xp, c_t) - _logdet(xp, c_q))
               - xp.sum(xp.linalg.diagonal(_congruent(be, c_q, g_ee)), axis=-1))
@@ -556,9 +562,10 @@ def _unit_columns(be, rows, w_q, x, d, d_p, d_q, g_outside):
     g_b = g_outside[..., :r, :r]
     c_b = _factor(be, be.eye_like(g_b) + g_b)[0]  # I + G_B
     q = _solve_gram(be, c_b, t(w_a))  # (I + G_B)^-1 W_A^T
-    schur = _factor(be, be.eye_like(w_a @ q) * d_a[..., None, :] + w_a @ q)[0]
+    shared = w_a @ q  # W_A (I + G_B)^-1 W_A^T
+    schur = _factor(be, be.eye_like(shared) * d_a[..., None, :] + shared)[0]
     w_pa = w_a + x_a
-    return {"rows": w_a, "x": x_a, "over_d": over_d, "change": d_pa - d_qa, "q": q, "schur": schur,
+    return {"w": w_a, "x": x_a, "over_d": over_d, "change": d_pa - d_qa, "q": q, "schur": schur,
             "gram": _blocked_grams(xp, w_a, x_a, 1.0 / d_a), "outside": g_outside[..., :r, r:],
             # W_p^T (D_p^-1 - D^-1) W_p and ln det D_p - ln det D, both from these rows alone
             "gram_p": t(w_pa) @ (w_pa * (1.0 / d_pa - 1.0 / d_a)[..., None]),
@@ -576,12 +583,16 @@ def _metric_gram(be, x, w_q, d, b, c_t, g_t, unit):
     t = xp.matrix_transpose
     r = w_q.shape[-1]
     eye = be.eye_like(b)
-    a_matrix = c_t + c_t @ t(c_t)
-    m_x = xp.linalg.solve(a_matrix, g_t[..., :r, r:])  # A^-1 V'^T X'
+    upper = eye + t(c_t)
+
+    def a_solve(m):  # A^-1 m by two triangular solves, A = L (I + L^T)
+        return be.solve_triangular(upper, be.solve_triangular(c_t, m), upper=True)
+
+    m_x = a_solve(g_t[..., :r, r:])  # A^-1 V'^T X'
     rest = x - w_q @ m_x  # D^1/2 Z_X
     gram_xx = t(rest) @ (rest / d[..., None])
     shift = eye + c_t
-    zv = xp.linalg.solve(a_matrix, shift)  # A^-1 (I + L): Z_V = V' zv
+    zv = a_solve(shift)  # A^-1 (I + L): Z_V = V' zv
     gram_vv, gram_vx = t(zv) @ b @ zv, t(zv) @ shift @ m_x
     over_d, schur = unit["over_d"], unit["schur"]
     gram_uv = t(_solve_gram(be, c_t, t(over_d)))
@@ -595,7 +606,7 @@ def _metric_gram(be, x, w_q, d, b, c_t, g_t, unit):
 def _logdet_of_p(be, g_t, unit):
     """ln det S_p - ln det D, with W_p = W_q + X and D_p = D but on the dominated rows."""
     xp = be.xp
-    r = unit["rows"].shape[-1]
+    r = unit["w"].shape[-1]
     gram_p = g_t[..., :r, :r] + g_t[..., :r, r:] + g_t[..., r:, :r] + g_t[..., r:, r:] + unit["gram_p"]  # W_p^T D_p^-1 W_p
     return _logdet(xp, _factor(be, be.eye_like(gram_p) + gram_p)[0]) + unit["log_ratio"]
 

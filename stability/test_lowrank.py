@@ -127,3 +127,19 @@ def test_largest_selects_exactly_n_entries(backend):
         assert np.array_equal(np.sort(rows, axis=-1), np.sort(np.nonzero(mask)[1].reshape(2, n), axis=-1))
         kth = np.sort(values, axis=-1)[:, -n][:, None]
         assert np.all(np.take_along_axis(values, rows, axis=-1) >= kth)
+
+
+@pytest.mark.parametrize("method", ["stable", "naive"])
+@pytest.mark.parametrize("k, r", [(9, 2), (4, 3)])  # the O(k r^2) and dense routes
+def test_infinite_inputs_give_the_limit(method, k, r):
+    """An infinite variance on one side, or an infinite distance of the means, makes the KL +inf;
+    infinite variances on both sides of one coordinate are inf / inf, NaN; the other batch
+    elements are untouched. Tiny variances (1e-300) do not raise."""
+    mu_p, w_p, d_p = _params(6, k, r)
+    mu_q, w_q, d_q = _params(6, k, r)
+    clean = kl_bench.kl_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q, method=method)
+    d_p[0, 1], d_q[1, 0], mu_p[2, 2] = np.inf, np.inf, np.inf
+    d_p[3, 0] = d_q[3, 0] = np.inf
+    d_q[4, 1] = 1e-300
+    computed = kl_bench.kl_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q, method=method)
+    assert np.all(computed[:3] == np.inf) and np.isnan(computed[3]) and computed[5] == clean[5]
