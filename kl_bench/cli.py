@@ -86,7 +86,7 @@ def _add_run(sub):
     _selection(run, methods=False, family_names=(*FAMILIES, runner.MIXTURE))  # mixtures: kl_mixture's sweep
     size = run.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the quick sweeps (default; 2.5 to 3.5 minutes on 2 cores with every backend and a cold reference cache)")
+                      help="the quick sweeps (default; about 5 minutes on 2 cores with every backend and third party and a cold reference cache)")
     size.add_argument("--full", action="store_true", help="every sweep, every timing shape and compiled mode (the publication run)")
     run.add_argument("--out", type=Path, help="output directory (default: a new folder under reports/runs/, with reports/runs/latest)")
     run.add_argument("--jobs", type=int, default=1, help="cells in parallel processes (default: 1)")
