@@ -4,6 +4,8 @@ Accuracy comes from the run's accuracy table (every case set of the family and d
 qualifies if its worst error on each case set is within the requirement: ``max_ulps`` if given,
 else this project's promised bound for that case set), speed from its timing table at the shape.
 Cells missing from the run are measured and stored in its ``cells/`` (so they are reused).
+``recommend_mixture`` does the same for ``kl_mixture``'s approximations, judged in nats by the
+run's mixture sweep and timed by its mixture_timing cell.
 """
 
 from __future__ import annotations
