@@ -169,10 +169,15 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
     if fam.args[-1].kind == COV:
         cond = np.linalg.cond(arrays[-1])
     elif fam.args[-1].kind == VARIANCE:  # S_q = W W^T + diag(d), formed in float64
-        cond = np.linalg.cond(arrays[-2] @ np.swapaxes(arrays[-2], -1, -2) + arrays[-1][..., None] * np.eye(k))
+        cond = np.linalg.cond(low_rank_covariance(arrays[-2], arrays[-1]))
     elif fam.args[-1].kind == FACTOR:  # cond(L L^T) = cond(L)^2, without forming L L^T
         cond = np.linalg.cond(np.tril(arrays[-1])) ** 2
     return CaseSet(family, regime, param, dtype, k, seed, arrays, cond)
+
+
+def low_rank_covariance(w: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """W W^T + diag(d) in float64, for factors (..., k, r) and diagonals (..., k)."""
+    return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
 
 
 def _unknown(family, regime):

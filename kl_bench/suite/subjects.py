@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import accel, backends, families, kl
+from .cases import low_rank_covariance
 
 DEVICES = ("cpu", "cuda")
 ARRAY = accel.ARRAY  # op by op on the framework's arrays (third parties run so too)
@@ -397,10 +398,7 @@ def textbook_tril(mu_p, l_p, mu_q, l_q):
 
 
 def textbook_lowrank(mu_p, w_p, d_p, mu_q, w_q, d_q):
-    def covariance(w, d):
-        return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
-
-    return textbook_cov(mu_p, covariance(w_p, d_p), mu_q, covariance(w_q, d_q))
+    return textbook_cov(mu_p, low_rank_covariance(w_p, d_p), mu_q, low_rank_covariance(w_q, d_q))
 
 
 TEXTBOOK = {"normal": textbook_normal, "diag": textbook_diag, "vae": textbook_vae, "tril": textbook_tril, "cov": textbook_cov,
