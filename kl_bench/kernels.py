@@ -551,10 +551,10 @@ def _unit_columns(be, rows, w_q, x, d, d_p, d_q, g_outside):
     xp = be.xp
     t = xp.matrix_transpose
 
-    def take(a):  # the rows of a (..., k) or (..., k, c), broadcast to d's batch
+    def take(a):  # the rows of a (..., k) or (..., k, c); kl._broadcast gave every argument one batch shape
         if a.ndim == d.ndim:
-            return xp.take_along_axis(xp.broadcast_to(a, d.shape), rows, axis=-1)
-        return xp.take_along_axis(xp.broadcast_to(a, (*d.shape, a.shape[-1])), rows[..., None], axis=-2)
+            return xp.take_along_axis(a, rows, axis=-1)
+        return xp.take_along_axis(a, rows[..., None], axis=-2)
 
     w_a, x_a, d_a, d_pa, d_qa = take(w_q), take(x), take(d), take(d_p), take(d_q)
     over_d = w_a / d_a[..., None]  # (n, r)
@@ -577,7 +577,7 @@ def _metric_gram(be, x, w_q, d, b, c_t, g_t, unit):
     [W_q, X]'s from Z = F^-1 D^-1/2 [W_q, X] with F = I + V' (I + L)^-1 V'^T (L = c_t), F^-1 =
     I - V' A^-1 V'^T, A = L (I + L^T): F^-1 V' = V' A^-1 (I + L) and V'^T Z_X = (I + L) A^-1 V'^T X'
     need no subtraction, and Z_X is formed (the part of X that T's metric leaves). U's from the
-    Schur complement: U^T T^-1 U = S_A^-1, U^T T^-1 W_q = W_A^T D_A^-1 (I + b)^-1 and U^T T^-1 X =
+    Schur complement: U^T T^-1 U = S_A^-1, U^T T^-1 W_q = D_A^-1 W_A (I + b)^-1 and U^T T^-1 X =
     S_A^-1 (X_A - W_A (I + G_B)^-1 W_q^T D^-1 X over the other rows)."""
     xp = be.xp
     t = xp.matrix_transpose
