@@ -270,19 +270,25 @@ def approximation_label(method: str, num_samples: int) -> str:
     return "variational" if method == "variational" else f"mc, {num_samples} draws"
 
 
+def timing_subjects(backend_names=None) -> list:
+    """Where ``kl_mixture`` is timed: this project's array path on every backend and device here."""
+    from .subjects import ARRAY, available
+
+    return [s for s in available(backend_names, methods=("stable",)) if s.ours and s.mode == ARRAY]
+
+
 def timing_sweep(batch: int, k: int, backend_names=None, repeats: int = 5, progress: bool = False) -> pd.DataFrame:
     """Seconds per call of ``kl_mixture`` with every approximation, on every backend and device,
     at B pairs of mixtures of ``TIMING_COMPONENTS`` components in k dimensions (float64): a tidy
     DataFrame with the columns ``TIMING_COLUMNS``. A Monte-Carlo size whose draws would hold more
     than ``TIMING_MEMORY_LIMIT`` bytes is not timed (the row says so)."""
     from .. import kl_mixture
-    from .subjects import ARRAY, available
     from .timing import median_seconds
 
     case = generate(k, TIMING_COMPONENTS, 2.0)
     arrays = [np.broadcast_to(a, (batch, *np.shape(a))) for a in case.arrays]
     rows = []
-    for subject in [s for s in available(backend_names, methods=("stable",)) if s.ours and s.mode == ARRAY]:
+    for subject in timing_subjects(backend_names):
         with subject.be.computing("float64"):
             given = [subject.asarray(np.ascontiguousarray(a), "float64") for a in arrays]
             for method, n in approximations():

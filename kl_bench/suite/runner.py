@@ -104,7 +104,7 @@ def record(cell: Cell, backend_names, compiled: bool, seed: int) -> dict:
     from .reference import REFERENCE_VERSION
 
     subjects = {"accuracy": lambda: available(backend_names, compiled=compiled), MIXTURE: list,
-                MIXTURE_TIMING: lambda: available(backend_names, methods=("stable",)),
+                MIXTURE_TIMING: lambda: mixtures.timing_subjects(backend_names),
                 "timing": lambda: timing.default_subjects(backend_names, compiled)}[cell.kind]()
     return {"format": CELL_FORMAT, "cell": cell.name, "seed": seed, "compiled": compiled,
             "subjects": sorted(s.name for s in subjects), "kl_bench": __version__, "reference": REFERENCE_VERSION,
