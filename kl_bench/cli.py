@@ -330,6 +330,7 @@ def cmd_recommend(args) -> int:
     if (problem := _recommend_options_problem(args, mixture)):
         return _usage_error(problem)
     dtype = args.dtype or ("float64" if mixture else "float32")
+    max_error = DEFAULT_MAX_ERROR if args.max_error is None else args.max_error
     names, problem = _backends_or_error(args)
     if problem:
         return _usage_error(problem)
@@ -343,14 +344,14 @@ def cmd_recommend(args) -> int:
     try:
         with runner.locked(source):  # it may measure missing cells into the run
             if mixture:
-                choices, measured = recommend.recommend_mixture(source, batch, k, args.device, args.max_error, names, args.quiet)
+                choices, measured = recommend.recommend_mixture(source, batch, k, args.device, max_error, names, args.quiet)
             else:
                 choices, measured = recommend.recommend(source, args.family, batch, k, dtype, args.device, args.max_ulps, names,
                                                         args.quiet)
     except runner.Busy as exc:
         return _cannot_run(str(exc))
     if mixture:
-        requirement = (f"error <= {args.max_error if args.max_error is not None else DEFAULT_MAX_ERROR:g} nats on every case "
+        requirement = (f"error <= {max_error:g} nats on every case "
                        f"of the mixture sweep (a Monte-Carlo estimate: {CONFIDENCE_SIGMAS:g} standard errors); APPROXIMATE")
     else:
         requirement = f"<= {args.max_ulps:g} ulps" if args.max_ulps is not None else "within kl-bench's promised bound on every case set"
@@ -376,11 +377,12 @@ def _recommend_options_problem(args, mixture: bool) -> str:
         return f"--family mixture is measured in float64 only, got --dtype {args.dtype}"
     if not mixture and args.max_error is not None:
         return "--max-error applies to --family mixture only (the other families are judged in ulps: use --max-ulps)"
-    for name in ("max_ulps", "max_error"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            return f"--{name.replace('_', '-')} must be positive, got {value:g}"
-    return ""
+    return _allowance_problem("--max-ulps", args.max_ulps) or _allowance_problem("--max-error", args.max_error)
+
+
+def _allowance_problem(option: str, value: float | None) -> str:
+    """An error allowance (--max-ulps, --max-error) must be a number >= 0 where given."""
+    return f"{option} must be a number >= 0, got {value}" if value is not None and not value >= 0 else ""
 
 
 def cmd_accuracy(args) -> int:
@@ -434,8 +436,8 @@ def cmd_check(args) -> int:
     from .suite.checker import check
     from .suite.isolation import UserFunction
 
-    if args.max_ulps is not None and not args.max_ulps >= 0:
-        return _usage_error(f"--max-ulps must be a number >= 0, got {args.max_ulps}")
+    if (problem := _allowance_problem("--max-ulps", args.max_ulps)):
+        return _usage_error(problem)
     if not args.timeout > 0:
         return _usage_error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     if args.gradients and (problem := gradient_checks.unsupported(args.backend)):

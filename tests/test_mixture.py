@@ -185,7 +185,7 @@ def test_recommend_takes_mixtures(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--max-ulps", "4"], "--max-ulps does not apply to --family mixture"),
     (["--dtype", "float32"], "measured in float64 only"),
-    (["--max-error", "-1"], "--max-error must be positive"),
+    (["--max-error", "-1"], "--max-error must be a number >= 0"),
 ])
 def test_recommend_mixture_refuses_options_that_do_not_apply(tmp_path, capsys, extra, message):
     from kl_bench.cli import main
