@@ -66,7 +66,8 @@ TABLE: dict[str, Family] = {f.name: f for f in (
     # repeat its dozens of small r x r operations (eight blocks of one element made Torch CPU at
     # B = 8, k = 4096, r = 16 take 19.2 ms instead of 9.1)
     _family("lowrank", ("loc_p", LOC, 1), ("cov_factor_p", LOW_RANK, 2), ("cov_diag_p", VARIANCE, 1),
-            ("loc_q", LOC, 1), ("cov_factor_q", LOW_RANK, 2), ("cov_diag_q", VARIANCE, 1), in_blocks=False),
+            ("loc_q", LOC, 1), ("cov_factor_q", LOW_RANK, 2), ("cov_diag_q", VARIANCE, 1), accelerated=("numba",),
+            in_blocks=False),
 )}
 NAMES = tuple(TABLE)
 

@@ -1,5 +1,7 @@
-"""The fused numba kernels (kl_bench.fused) over their whole input range: against mpmath, and
-as the array path wherever the inputs are special (NaN, infinities, overflow)."""
+"""The fused numba kernels (kl_bench.accel) over their whole input range: against mpmath, and
+as the array path wherever the inputs are special (NaN, infinities, overflow). The low-rank
+kernel: across its chunks of rows and ranks, where it hands a batch element to the array path,
+and with Torch's autograd."""
 
 import mpmath
 import numpy as np
@@ -12,6 +14,7 @@ from kl_bench.suite.cases import round_to
 from kl_bench.suite.subjects import Subject
 
 pytestmark = pytest.mark.skipif(not accel.REGISTRY["numba"].available(), reason="numba is not installed")
+ROW_SUM = ("vae", "diag")  # the fused row sums, forward and backward (the low-rank kernel is below)
 
 # logvar from 1e-30 to beyond the float32 overflow of e^x / 2, both signs, dense where the
 # forms of e^x - 1 - x change (|x| = ln(2) / 2) and where the result overflows.
@@ -61,7 +64,7 @@ def test_diag_within_an_ulp_on_extreme_inputs():
     assert errors.max() <= 1.0, f"row {int(np.argmax(errors))}: {errors.max():.3g} ulps"
 
 
-@pytest.mark.parametrize("family", families.with_kernel("numba"))
+@pytest.mark.parametrize("family", ROW_SUM)
 def test_special_values_as_on_the_array_path(family):
     special = np.array([np.nan, np.inf, -np.inf, 1e38, -1e38, 89.4, 0.0], dtype=np.float32)
     grid = np.stack(np.meshgrid(*[special] * (2 if family == "vae" else 4), indexing="ij"), axis=-1).reshape(-1, 1, 2 if family == "vae" else 4)
@@ -114,7 +117,7 @@ def test_torch_gradient_reduces_over_broadcast_arguments():
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
-GRADIENT_CASES = [(f, r, p) for f in families.with_kernel("numba") for r, p in cases.regimes(f, "float32")
+GRADIENT_CASES = [(f, r, p) for f in ROW_SUM for r, p in cases.regimes(f, "float32")
                   if r in ("generic", "near-equal", "collapse")]
 
 
@@ -128,7 +131,7 @@ def test_torch_gradient_through_the_fused_kernel_within_64_ulps(family, regime, 
     assert not nonfinite.any() and ulps.max() <= 64.0, f"worst {ulps.max():.3g} ulps"
 
 
-@pytest.mark.parametrize("family", families.with_kernel("numba"))
+@pytest.mark.parametrize("family", ROW_SUM)
 def test_torch_gradient_through_the_fused_kernel_is_zero_at_p_equal_q(family):
     torch = pytest.importorskip("torch")
     args = [torch.randn(3, 5, requires_grad=True) for _ in range(2)]
@@ -136,3 +139,126 @@ def test_torch_gradient_through_the_fused_kernel_is_zero_at_p_equal_q(family):
     with accel.use("numba"):
         kl_bench.kl_vae(*args).sum().backward() if family == "vae" else kl_bench.kl_diag(*args).sum().backward()
     assert all(torch.equal(a.grad, torch.zeros_like(a)) for a in args)
+
+
+def test_every_numba_kernel_is_tested_here():
+    assert set(families.with_kernel("numba")) == {*ROW_SUM, "lowrank"}
+
+
+def _lowrank_pair(rng, n, k, r, delta, spread=1.0):
+    """float32 means, factors and diagonals of q, and of p within ``delta`` of them (relative)."""
+    mu, w, d = rng.normal(size=(n, k)), rng.normal(size=(n, k, r)), 10.0 ** rng.uniform(-spread, spread, (n, k))
+    near = [mu + delta * rng.uniform(-1, 1, (n, k)) * np.sqrt(d), w * (1 + delta * rng.uniform(-1, 1, (n, k, r))),
+            d * (1 + delta * rng.uniform(-1, 1, (n, k)))]
+    return [round_to(a, "float32").astype(np.float32) for a in (*near, mu, w, d)]
+
+
+def _fused_rows(args):
+    """What the fused kernel itself computes for each batch element (NaN: handed to the array path)."""
+    from kl_bench.accel import numba_lowrank
+
+    out = np.empty(args[0].shape[0])
+    numba_lowrank._rows(*args, out)
+    return out
+
+
+@pytest.mark.parametrize("k, r", [(70, 1), (130, 5), (300, 16)])  # one to five chunks of rows, odd and even ranks
+@pytest.mark.parametrize("delta", [1.0, 1e-2, 1e-5])
+def test_lowrank_within_the_bound_across_chunks(k, r, delta):
+    """Against the float64 array path on the same (float32) inputs, whose own error, at most
+    (16 + cond(S_q)) * 2^-52 relative (asserted against mpmath in test_accuracy.py), is far below
+    float32's: the fused kernel within 16 + cond(S_q) float32 ulps, and no element handed over."""
+    args = _lowrank_pair(np.random.default_rng(k + r), 4, k, r, delta, spread=3.0 if delta < 1 else 1.0)
+    assert np.isfinite(_fused_rows(args)).all()
+    with accel.use("numba"):
+        computed = kl_bench.kl_lowrank(*args)
+    with accel.use("array"):
+        exact = kl_bench.kl_lowrank(*(a.astype(np.float64) for a in args))
+    assert computed.dtype == np.float32
+    conds = np.linalg.cond(cases.low_rank_covariance(args[4].astype(np.float64), args[5].astype(np.float64)))
+    for c, e, cond in zip(computed, exact, conds):
+        assert metrics.ulps(float(c), float(e), "float32") <= 16 + cond, (c, e, cond)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1e-6])
+def test_lowrank_where_p_rescales_a_dominant_factor(delta):
+    """W_p = (1 + delta) W_q with W_q 100 times the diagonal's scale (cond(S_q) about 1e7): the part
+    of X = W_p - W_q that T's metric leaves is about 1/cond of it; at delta = 1e-3 less than 2^-20
+    of it, and the fused kernel forms it row by row instead of from the Gram matrices' blocks.
+    Within 16 float32 ulps of the float64 array path on the same inputs, whose own error (at most
+    (16 + cond(S_q)) * 2^-52 relative) is below 0.1 float32 ulp here (the float32 array path loses
+    hundreds of ulps at delta = 1e-3)."""
+    rng = np.random.default_rng(6)
+    mu, w, d = rng.normal(size=(4, 300)), 100 * rng.normal(size=(4, 300, 16)), np.exp(rng.uniform(-1, 1, (4, 300)))
+    args = [round_to(a, "float32").astype(np.float32) for a in (mu, (1 + delta) * w, d, mu, w, d)]
+    assert np.isfinite(_fused_rows(args)).all()
+    with accel.use("numba"):
+        computed = kl_bench.kl_lowrank(*args)
+    with accel.use("array"):
+        exact = kl_bench.kl_lowrank(*(a.astype(np.float64) for a in args))
+    conds = np.linalg.cond(cases.low_rank_covariance(args[4].astype(np.float64), args[5].astype(np.float64)))
+    assert np.all((16 + conds) * 2.0**-52 < 0.1 * 2.0**-24)
+    for c, e in zip(computed, exact):
+        assert metrics.ulps(float(c), float(e), "float32") <= 16, (c, e)
+
+
+@pytest.mark.parametrize("cond, handed_over", [(1e2, False), (1e6, True), (1e8, True)])
+def test_lowrank_hands_cancelling_diagonal_changes_to_the_array_path(cond, handed_over):
+    """Where q's factor makes nearly all of a coordinate's variance and p changes its diagonal
+    there (regime aligned-diagonal), the fused kernel's split (D = D_p everywhere) would cancel to
+    about cond(S_q)^-2 of its parts: it hands such elements to the array path, and the result is
+    within the bound of the certified reference either way."""
+    case = cases.generate("lowrank", "aligned-diagonal", "float32", cond, n=8)
+    rows = [np.ascontiguousarray(a, dtype=np.float32) for a in case.arrays]
+    assert np.isnan(_fused_rows(rows)).all() == handed_over and (handed_over or np.isfinite(_fused_rows(rows)).all())
+    subject = Subject("numpy", mode="numba")
+    from kl_bench.suite import accuracy
+
+    err, limit = accuracy.errors(subject, case), accuracy.case_bounds(case)
+    assert np.all(err["ulps"] <= limit), (err["ulps"], limit)
+
+
+def test_lowrank_special_values_as_on_the_array_path():
+    """One special value at a time in each argument of one batch element: the other elements are
+    the fused kernel's, the special ones the array path's (NaN, +inf), as if no kernel were fused;
+    but where the KL itself is beyond float32's range (a mean or a factor entry of 1e38), the fused
+    kernel's float64 arithmetic gives +inf, where the array path's float32 arithmetic overflows to
+    inf - inf."""
+    rng = np.random.default_rng(4)
+    special = [np.nan, np.inf, -np.inf, 0.0, -1.0, 1e38, 1e-45]
+    base = _lowrank_pair(rng, 1, 9, 2, 1e-2)
+    batch = [np.repeat(a, 6 * len(special) + 1, axis=0) for a in base]
+    for i, (arg, value) in enumerate((arg, v) for arg in range(6) for v in special):
+        batch[arg][i].flat[1] = value
+    with accel.use("numba"):
+        fast = kl_bench.kl_lowrank(*batch, validate=False)
+    with accel.use("array"):
+        plain = kl_bench.kl_lowrank(*batch, validate=False)
+        exact = kl_bench.kl_lowrank(*(a.astype(np.float64) for a in batch), validate=False)
+    beyond = np.isfinite(exact) & (exact > np.finfo(np.float32).max)
+    assert beyond.sum() == 3 and np.all(fast[beyond] == np.inf)
+    np.testing.assert_array_equal(np.isnan(fast[~beyond]), np.isnan(plain[~beyond]))
+    np.testing.assert_allclose(fast[~beyond], plain[~beyond], rtol=1e-5)
+    with accel.use("numba"), pytest.raises(ValueError, match="cov_diag_q must be positive"):
+        kl_bench.kl_lowrank(*base[:5], -base[5])
+
+
+def test_lowrank_gradients_come_from_the_array_path():
+    """The fused low-rank kernel has no backward pass: with a gradient needed, the array path runs
+    (the same values and gradients as with the kernel switched off); without, the kernel, whose
+    result carries no graph."""
+    torch = pytest.importorskip("torch")
+    args = [torch.tensor(a, requires_grad=True) for a in _lowrank_pair(np.random.default_rng(5), 3, 40, 3, 1e-2)]
+    grads = {}
+    for kernel in ("numba", "array"):
+        with accel.use(kernel):
+            value = kl_bench.kl_lowrank(*args)
+            value.sum().backward()
+        grads[kernel] = (value.detach(), [a.grad.clone() for a in args])
+        for a in args:
+            a.grad = None
+    torch.testing.assert_close(grads["numba"], grads["array"], rtol=0, atol=0)
+    with accel.use("numba"), torch.no_grad():
+        fast = kl_bench.kl_lowrank(*args)
+    assert fast.grad_fn is None and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, grads["array"][0], rtol=1e-5, atol=0)

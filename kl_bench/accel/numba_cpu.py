@@ -39,6 +39,10 @@ def kl(be, family, arrays, check):
     """(KL, {}): the KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by
     the caller; these families have no invalid values); Torch tensors that need a gradient get it
     from ``gradients``."""
+    if family == "lowrank":
+        from . import numba_lowrank
+
+        return numba_lowrank.kl(be, arrays, check)
     if be.name == "torch" and be.torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return _function().apply(family, *arrays), {}
     return _values(be, family, arrays), {}

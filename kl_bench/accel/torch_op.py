@@ -18,8 +18,8 @@ from .torch_autograd import gradients_from_derivatives
 def kl(kernel, be, family, arrays, check):
     """(KL, problems) by the fused ``kernel`` module inside torch.compile: the row-sum families
     through the custom op; the univariate family (Triton's, elementwise) traces the array path."""
-    if family == "normal":
-        return kernels.kl_normal(be, *arrays, method="stable", check=check)
+    if family in ("normal", "lowrank"):  # (low-rank: numba's kernel has no backward pass)
+        return kernels.KERNELS[family](be, *arrays, method="stable", check=check)
     return _FUSED(kernel.__name__.rsplit(".", 1)[-1], family, list(arrays)), {}
 
 
