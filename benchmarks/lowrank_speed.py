@@ -1,9 +1,11 @@
 """kl_lowrank against torch.distributions' LowRankMultivariateNormal KL on identical inputs, timed
-in one run with the calls interleaved (this machine's load drifts), float32 on the CPU.
+in one run with the calls interleaved (this machine's load drifts), float32 on the CPU: the value
+(kl_lowrank's fused numba kernel where numba is installed), then value and gradients.
 
     python benchmarks/lowrank_speed.py > reports/lowrank-speed.md
 """
 
+import importlib.metadata
 import platform
 import time
 
@@ -55,6 +57,28 @@ def table():
               f"{t['stable'] / t['torch']:.2f} | {t['naive'] * 1e3:.2f} ms |")
 
 
+def backward_table():
+    """Forward and backward (a gradient for every argument): kl_lowrank's array path, as the fused
+    kernel has no backward pass."""
+    print("| B | k | r | torch.distributions | kl_lowrank (stable) | stable / torch |")
+    print("|---|---|---|---|---|---|")
+    for batch, k, r in SHAPES[:2]:
+        a = [x.requires_grad_() for x in inputs(batch, k, r)]
+
+        def both(f):
+            def call():
+                f().sum().backward()
+                for x in a:
+                    x.grad = None
+            return call
+
+        t = interleaved({
+            "torch": both(lambda: kl_divergence(LowRankMultivariateNormal(*a[:3]), LowRankMultivariateNormal(*a[3:]))),
+            "stable": both(lambda: kl_bench.kl_lowrank(*a)),
+        })
+        print(f"| {batch} | {k} | {r} | {t['torch'] * 1e3:.2f} ms | {t['stable'] * 1e3:.2f} ms | {t['stable'] / t['torch']:.2f} |")
+
+
 def main():
     print("# kl_lowrank against torch.distributions, float32, CPU\n")
     print("Produced by `python benchmarks/lowrank_speed.py > reports/lowrank-speed.md`: median of "
@@ -73,7 +97,12 @@ def main():
     print("The state of a long-running process (a training loop frees larger tensors all the time): the "
           "temporaries come from malloc's heap, already mapped, and both implementations run faster.\n")
     table()
-    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, Torch {torch.__version__}; "
+    print("\n## Forward and backward\n")
+    print("A gradient for every argument (same state): where a gradient is needed kl_lowrank runs its "
+          "array path, the fused kernel having no backward pass.\n")
+    backward_table()
+    fused = f"numba {importlib.metadata.version('numba')}" if kl_bench.accel.REGISTRY["numba"].available() else "no numba (the array path)"
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, Torch {torch.__version__}, {fused}; "
           "no GPU was available for these figures.")
 
 

@@ -72,13 +72,7 @@ def _psi(x, ratio):
 
 
 _CANCELLATION = 2.0**20  # parts cancelling to 2^-20 of themselves lose 2^-33 to float64's rounding: far below float32's
-_CHUNK_VALUES = 2048  # rows are gathered (in float64, transposed) 16 KiB an array at a time, in L1
-
-
-@_jit
-def _chunk(columns):
-    """Rows per chunk for arrays of ``columns`` x rows: a multiple of 8 (whole vectors) from 8 to 64."""
-    return max(8, min(64, _CHUNK_VALUES // columns // 8 * 8))
+_CHUNK = 64  # rows gathered (in float64, transposed) before their products are summed
 
 
 @numba.njit(fastmath={"contract", "reassoc", "nsz"}, cache=True)
@@ -156,14 +150,13 @@ def _first_pass(loc_p, w_p, d_p, loc_q, w_q, d_q):
     dmu^T D_q^-1 dmu, W_q^T D_q^-1 dmu, and a number that is finite only if every input is and
     every diagonal entry is positive."""
     k, r = w_q.shape
-    chunk = _chunk(2 * r)
     g_t, g_e, g_ee = np.zeros((2 * r, 2 * r)), np.zeros((2 * r, 2 * r)), np.zeros((r, r))
-    y, z_t, z_e, z_ee = np.zeros((2 * r, chunk)), np.zeros((2 * r, chunk)), np.zeros((2 * r, chunk)), np.zeros((r, chunk))
+    y, z_t, z_e, z_ee = np.zeros((2 * r, _CHUNK)), np.zeros((2 * r, _CHUNK)), np.zeros((2 * r, _CHUNK)), np.zeros((r, _CHUNK))
     w_dmu = np.zeros(r)
     psi_sum = mean = 0.0
     positive = True
-    for start in range(0, k, chunk):
-        for t in range(min(chunk, k - start)):  # (the last chunk's other columns stay 0)
+    for start in range(0, k, _CHUNK):
+        for t in range(min(_CHUNK, k - start)):  # (the last chunk's other columns stay 0)
             i = start + t
             dp, dq = np.float64(d_p[i]), np.float64(d_q[i])
             positive &= dp > 0.0 and dq > 0.0
@@ -182,7 +175,7 @@ def _first_pass(loc_p, w_p, d_p, loc_q, w_q, d_q):
                 z_e[j, t], z_e[r + j, t] = w * c_e, x * c_e
                 z_ee[j, t] = w * c_ee
                 w_dmu[j] += w * c_mu
-        if start + chunk > k:
+        if start + _CHUNK > k:
             for m in (y, z_t, z_e, z_ee):
                 m[:, k - start:] = 0.0
         _add_grams(g_t, z_t, g_e, z_e, y)
@@ -197,24 +190,23 @@ def _remainder_gram(w_p, d_p, w_q, m_x):
     """Z^T D_p^-1 Z with Z = X - W_q m_x formed row by row (a second pass over the factors): its
     rounding is then about 2^-52 ||Z|| ||X||, not 2^-52 ||X||^2 as from the blocks of G_t."""
     k, r = w_q.shape
-    chunk = _chunk(r)
-    gram, w, rest, scaled = np.zeros((r, r)), np.zeros((r, chunk)), np.zeros((r, chunk)), np.zeros((r, chunk))
-    c = np.zeros(chunk)
-    for start in range(0, k, chunk):
-        rows = min(chunk, k - start)
+    gram, w, rest, scaled = np.zeros((r, r)), np.zeros((r, _CHUNK)), np.zeros((r, _CHUNK)), np.zeros((r, _CHUNK))
+    c = np.zeros(_CHUNK)
+    for start in range(0, k, _CHUNK):
+        rows = min(_CHUNK, k - start)
         for t in range(rows):  # (the last chunk's other columns stay 0)
             i = start + t
             c[t] = 1.0 / np.float64(d_p[i])
             for j in range(r):
                 w[j, t] = np.float64(w_q[i, j])
                 rest[j, t] = np.float64(w_p[i, j]) - w[j, t]
-        if rows < chunk:
+        if rows < _CHUNK:
             w[:, rows:], rest[:, rows:] = 0.0, 0.0
         for j in range(r):
             for a in range(r):
-                for t in range(chunk):
+                for t in range(_CHUNK):
                     rest[j, t] -= m_x[a, j] * w[a, t]
-            for t in range(chunk):
+            for t in range(_CHUNK):
                 scaled[j, t] = rest[j, t] * c[t]
         _add_lower_products(gram, scaled, rest)
     return _symmetric(gram)
