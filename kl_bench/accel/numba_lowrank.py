@@ -103,49 +103,10 @@ def _add_lower_products(acc, z, y):
             acc[n - 1, j] += s
 
 
-@numba.njit(fastmath={"contract", "reassoc", "nsz"}, cache=True)
-def _add_grams(g_t, z_t, g_e, z_e, y):
-    """_add_lower_products for G_t and G_e at once (2r x 2r), sharing the loads of y: G_e only
-    where it is read (the rows of W_q, the columns of W_q, the diagonal; the other entries of the
-    rows of X are never formed)."""
-    n, r = g_t.shape[0], g_t.shape[0] // 2
-    for a in range(0, n, 2):
-        for j in range(0, a + 1, 2):
-            t00 = t01 = t10 = t11 = 0.0
-            if a < r or j < r or j == a:
-                e00 = e01 = e10 = e11 = 0.0
-                for t in range(y.shape[1]):
-                    y0, y1 = y[j, t], y[j + 1, t]
-                    z0, z1, x0, x1 = z_t[a, t], z_t[a + 1, t], z_e[a, t], z_e[a + 1, t]
-                    t00 += z0 * y0
-                    t01 += z0 * y1
-                    t10 += z1 * y0
-                    t11 += z1 * y1
-                    e00 += x0 * y0
-                    e01 += x0 * y1
-                    e10 += x1 * y0
-                    e11 += x1 * y1
-                g_e[a, j] += e00
-                g_e[a, j + 1] += e01
-                g_e[a + 1, j] += e10
-                g_e[a + 1, j + 1] += e11
-            else:
-                for t in range(y.shape[1]):
-                    y0, y1, z0, z1 = y[j, t], y[j + 1, t], z_t[a, t], z_t[a + 1, t]
-                    t00 += z0 * y0
-                    t01 += z0 * y1
-                    t10 += z1 * y0
-                    t11 += z1 * y1
-            g_t[a, j] += t00
-            g_t[a, j + 1] += t01
-            g_t[a + 1, j] += t10
-            g_t[a + 1, j + 1] += t11
-
-
 @_jit
 def _first_pass(loc_p, w_p, d_p, loc_q, w_q, d_q):
     """The weighted Gram matrices of Y = [W_q, X] (X = W_p - W_q): G_t = Y^T D_p^-1 Y,
-    G_e = Y^T D_p^-1 E D_q^-1 Y (E = D_p - D_q; as _add_grams forms it) and
+    G_e = Y^T D_p^-1 E D_q^-1 Y (E = D_p - D_q) and
     W_q^T D_q^-2 E^2 D_p^-1 W_q, sum psi(e_i),
     dmu^T D_q^-1 dmu, W_q^T D_q^-1 dmu, and a number that is finite only if every input is and
     every diagonal entry is positive."""
@@ -178,7 +139,8 @@ def _first_pass(loc_p, w_p, d_p, loc_q, w_q, d_q):
         if start + _CHUNK > k:
             for m in (y, z_t, z_e, z_ee):
                 m[:, k - start:] = 0.0
-        _add_grams(g_t, z_t, g_e, z_e, y)
+        _add_lower_products(g_t, z_t, y)
+        _add_lower_products(g_e, z_e, y)
         _add_lower_products(g_ee, z_ee, y)
     # a NaN or an infinity among the inputs reaches psi's sum, the mean's or G_t's diagonal
     finite = (psi_sum + mean + np.trace(g_t)) if positive else math.nan
