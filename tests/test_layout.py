@@ -15,7 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kl_bench"
 LIBRARY = ("kl_bench", "kl_bench.kl", "kl_bench.kernels", "kl_bench.families", "kl_bench.backends", "kl_bench.accel",
-           "kl_bench.accel.numba_cpu", "kl_bench.accel.numba_lowrank", "kl_bench.accel.triton_gpu", "kl_bench.accel.triton_kernels", "kl_bench.accel.xla_ffi")
+           "kl_bench.accel.numba_cpu", "kl_bench.accel.numba_lowrank", "kl_bench.accel.triton_gpu", "kl_bench.accel.triton_kernels",
+           "kl_bench.accel.xla_ffi")
 MAX_FUNCTION_LINES = 60
 
 

@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the VAE and diagonal families in float32 and half precision:
 one pass over memory where the array path makes one per operation (docs/design.md, "Accelerated
-kernels").
+kernels"). The low-rank family's kernel is ``numba_lowrank.py``, reached through ``kl`` here.
 
 Each element is computed in float64, where the form of e^x - 1 - x below is accurate to 1e-11
 relative, so the float32 result is rounded once from a value far more accurate than float32: the
@@ -38,7 +38,7 @@ def takes(be, arrays, named=False) -> bool:
 def kl(be, family, arrays, check):
     """(KL, {}): the KL of ``family`` as float64 of the framework of ``arrays`` (rounded once by
     the caller; these families have no invalid values); Torch tensors that need a gradient get it
-    from ``gradients``."""
+    from ``gradients``. The low-rank family: ``numba_lowrank.kl``."""
     if family == "lowrank":
         from . import numba_lowrank
 

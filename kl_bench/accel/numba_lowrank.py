@@ -1,17 +1,19 @@
-"""The fused CPU kernel (numba) of the low-rank family in float32: two passes over the factors per
-batch element, the r x r stage in between in registers and small arrays, every batch element on
-its own thread (docs/design.md, "Low-rank plus diagonal" and "Accelerated kernels").
+"""The fused CPU kernel (numba) of the low-rank family in float32: one pass over the factors per
+batch element, the r x r stage after it in loops over small arrays, every batch element on one of
+numba's threads (docs/design.md, "Low-rank plus diagonal" and "numba, low rank").
 
 It computes in float64 the split that ``kernels._lowrank_stable`` computes in the input precision,
-with D = D_p on every coordinate: where q's factor dominates a coordinate whose diagonal changes,
-that form cancels to a cond(S_q)^2 part of itself (the array path's reason for its unit columns),
-and in float64 that costs cond(S_q)^2 * 2^-53, below the float32 bound of (16 + cond(S_q)) * 2^-24
-for every cond(S_q) up to 2^29 (beyond it the bound allows more than the KL itself).
+but with D = D_p on every coordinate and the part of X that T's metric leaves from the blocks of
+the Gram matrices. The first cancels where q's factor dominates a coordinate whose diagonal changes,
+the second where X lies nearly in q's factor's span, by amounts that float64 absorbs unless they
+are extreme. Each is measured: past 2^20 the first sends the batch element to the array path, the
+second to a row-by-row pass that forms that part of X.
 
-For finite float32 inputs with positive diagonals every float64 intermediate is finite, so a
-batch element whose result is not finite held a NaN, an infinity or a diagonal entry <= 0: such
-elements are recomputed by the array path, and special values behave exactly as there. Where
-k <= 2r, and where Torch needs gradients, the array path runs (the kernel has no backward pass).
+For finite float32 inputs with positive diagonals every float64 intermediate is finite, so a batch
+element whose result is not finite held a NaN, an infinity or a diagonal entry <= 0: such elements
+are recomputed by the array path, and special values behave as there (but a KL beyond float32's
+range comes out +inf, where the array path's float32 arithmetic may give inf - inf). Where k <= 2r,
+and where Torch needs gradients, the array path runs (the kernel has no backward pass).
 """
 
 from __future__ import annotations
@@ -106,8 +108,7 @@ def _add_lower_products(acc, z, y):
 @_jit
 def _first_pass(loc_p, w_p, d_p, loc_q, w_q, d_q):
     """The weighted Gram matrices of Y = [W_q, X] (X = W_p - W_q): G_t = Y^T D_p^-1 Y,
-    G_e = Y^T D_p^-1 E D_q^-1 Y (E = D_p - D_q) and
-    W_q^T D_q^-2 E^2 D_p^-1 W_q, sum psi(e_i),
+    G_e = Y^T D_p^-1 E D_q^-1 Y (E = D_p - D_q) and W_q^T D_q^-2 E^2 D_p^-1 W_q; sum psi(e_i),
     dmu^T D_q^-1 dmu, W_q^T D_q^-1 dmu, and a number that is finite only if every input is and
     every diagonal entry is positive."""
     k, r = w_q.shape

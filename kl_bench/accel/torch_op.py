@@ -17,8 +17,9 @@ from .torch_autograd import gradients_from_derivatives
 
 def kl(kernel, be, family, arrays, check):
     """(KL, problems) by the fused ``kernel`` module inside torch.compile: the row-sum families
-    through the custom op; the univariate family (Triton's, elementwise) traces the array path."""
-    if family in ("normal", "lowrank"):  # (low-rank: numba's kernel has no backward pass)
+    through the custom op; the univariate family (Triton's, elementwise) and the low-rank family
+    (numba's kernel has no backward pass) trace the array path."""
+    if family in ("normal", "lowrank"):
         return kernels.KERNELS[family](be, *arrays, method="stable", check=check)
     return _FUSED(kernel.__name__.rsplit(".", 1)[-1], family, list(arrays)), {}
 
