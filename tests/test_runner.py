@@ -174,6 +174,15 @@ def test_a_rerun_with_another_seed_or_backends_recomputes_and_says_why(tmp_path,
         assert reused == 0 and "another set of subjects" in capsys.readouterr().err
 
 
+def test_a_cell_made_by_other_source_code_is_computed_again(tmp_path, capsys, monkeypatch):
+    cells = SMALL[:1]
+    runner.execute(cells, tmp_path, ["numpy"], compiled=False, quiet=True)
+    assert runner.execute(cells, tmp_path, ["numpy"], compiled=False, quiet=True)[1] == 1
+    monkeypatch.setattr(runner, "_source_digest", lambda: "0" * 16)  # a kernel edited, the version unchanged
+    _, reused = runner.execute(cells, tmp_path, ["numpy"], compiled=False)
+    assert reused == 0 and "it was made with another kl-bench source" in capsys.readouterr().err
+
+
 def test_a_swapped_or_unrecorded_cell_is_not_accepted(tmp_path, capsys):
     first, _ = runner.execute(SMALL[:2], tmp_path, ["numpy"], compiled=False, quiet=True)
     normal, vae = (runner.cell_path(tmp_path, c) for c in SMALL[:2])

@@ -8,7 +8,7 @@ are independent: accuracy cells run serially, in ``--jobs`` processes or on a Da
 (``--scheduler``); timing cells run in this process one at a time. Each is written atomically to ``DIR/cells/<name>.parquet`` when it
 finishes. A run started again with the same directory reuses every cell file that reads back
 whole and was made the way this run would make it (``record``: the cell, seed, subjects, compiled modes,
-package and reference versions), with rows that match that record; any other is computed again and the
+package and reference versions, a digest of kl-bench's own source), with rows that match that record; any other is computed again and the
 run says why. ``locked`` keeps a second run out of a directory in use.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -108,7 +110,18 @@ def record(cell: Cell, backend_names, compiled: bool, seed: int) -> dict:
                 "timing": lambda: timing.default_subjects(backend_names, compiled)}[cell.kind]()
     return {"format": CELL_FORMAT, "cell": cell.name, "seed": seed, "compiled": compiled,
             "subjects": sorted(s.name for s in subjects), "kl_bench": __version__, "reference": REFERENCE_VERSION,
-            "versions": _versions()}
+            "versions": _versions(), "source": _source_digest()}
+
+
+@functools.cache
+def _source_digest() -> str:
+    """SHA-256 of kl-bench's Python source: a kernel changed under the same version number makes
+    its earlier cells stale."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -124,7 +137,8 @@ def _versions() -> dict:
 
 
 _WORDS = {"subjects": "set of subjects", "versions": "set of package versions", "kl_bench": "kl-bench version",
-          "reference": "reference version", "format": "cell format"}
+          "reference": "reference version", "format": "cell format",
+          "source": "kl-bench source"}
 
 
 class Busy(RuntimeError):
