@@ -361,8 +361,11 @@ def kl_cov(be, loc_p, cov_p, loc_q, cov_q, *, method, check):
     k = cov_p.shape[-1]
     nan_rows = _any_nan(xp, (loc_p, 1), (cov_p, 2), (loc_q, 1), (cov_q, 2))
     loc_p, cov_p, loc_q, cov_q = _sanitised(be, nan_rows, loc_p, cov_p, loc_q, cov_q)
-    factor_q, bad_q = _factor(be, cov_q)
     dmu = (loc_p - loc_q)[..., None]
+    if method != "naive":
+        scale, squared = (a[..., None, None] for a in _unit_scale(be, xp.linalg.diagonal(cov_q)))
+        dmu, cov_p, cov_q = dmu * scale, cov_p * squared, cov_q * squared
+    factor_q, bad_q = _factor(be, cov_q)
     if method == "naive":
         # The textbook formula: explicit inverse and log-determinants.
         inv_q = xp.linalg.inv(cov_q)
@@ -427,12 +430,31 @@ def kl_lowrank(be, loc_p, cov_factor_p, cov_diag_p, loc_q, cov_factor_q, cov_dia
     d_p, d_q = xp.where(rows, 1.0, cov_diag_p), xp.where(rows, 1.0, cov_diag_q)
     # the factors are cleaned only where NaN would reach a factorisation (kl_lowrank's small matrices)
     w_p, w_q = _same_rank(xp, cov_factor_p, cov_factor_q)
+    dmu = loc_p - loc_q
     if method == "naive":
         kernel = _lowrank_naive
     else:  # with k <= 2r, forming the k x k covariances costs no more than O(k r^2)
         kernel = _lowrank_dense if d_p.shape[-1] <= 2 * w_p.shape[-1] else _lowrank_stable
-    kl = _nan_where(be, bad, kernel(be, loc_p - loc_q, w_p, d_p, w_q, d_q))
+        scale, squared = (a[..., None] for a in _unit_scale(be, d_q))
+        dmu, w_p, d_p, w_q, d_q = dmu * scale, w_p * scale[..., None], d_p * squared, w_q * scale[..., None], d_q * squared
+    kl = _nan_where(be, bad, kernel(be, dmu, w_p, d_p, w_q, d_q))
     return xp.where(unbounded, float("inf"), kl), problems
+
+
+def _unit_scale(be, variances):
+    """For each batch element, a power of 2 (its square a power of 4) that brings the largest of
+    ``variances`` (..., k), q's diagonal, into [1, 4): with means and factors multiplied by it and
+    variances and covariances by its square, the KL does not change, the scaling is exact, and no
+    product of variances in the kernels (nor in their gradients) leaves the range where variances
+    are far from 1 (beyond 1e+-19 in float32). The exponent is an integer, through which no gradient
+    flows; powers below the smallest normal number are not used (XLA on CPU flushes them to 0)."""
+    xp = be.xp
+    _, exponent = xp.frexp(xp.max(variances, axis=-1))  # largest = m 2^exponent, 1/2 <= m < 1
+    floor_log2 = exponent - 1
+    smallest = math.frexp(float(xp.finfo(variances.dtype).smallest_normal))[1] - 1  # even in every float format
+    half = xp.clip(floor_log2 - floor_log2 % 2, min=smallest) // 2
+    one = xp.ones_like(variances[..., 0])
+    return xp.ldexp(one, -half), xp.ldexp(one, -2 * half)
 
 
 def _same_rank(xp, w_p, w_q):
@@ -492,7 +514,7 @@ def _lowrank_stable(be, dmu, w_p, d_p, w_q, d_q):
     d = xp.where(dominated, d_q, d_p)
     change = d - d_q
     x = w_p - w_q
-    w_e = change / (d * d_q)
+    w_e = change / d / d_q  # not / (d * d_q), which underflows where both are below 1e-19 of q's largest (float32)
     # the weighted Gram matrices [W_q, X]^T D^-1 [W_q, X] (the other rows' part, then the dominated
     # rows' added: the Schur complement needs the first alone), [W_q, X]^T D_q^-1 E D^-1 [W_q, X] and
     # W_q^T D_q^-2 E^2 D^-1 W_q (E = D - D_q); D_q^-1 = D^-1 + D_q^-1 E D^-1 gives W_q^T D_q^-1 [W_q, X]

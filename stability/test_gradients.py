@@ -1,22 +1,27 @@
 """Gradients of the stable kernels through torch autograd and jax.grad against certified exact
 gradients (kl_bench.suite.gradients): within the promised 64 normwise ulps (bounds.gradient_ulp_bound) in float64 where p is near q and in
-posterior collapse, and exactly zero and finite at p == q for every family."""
+posterior collapse, within it at extreme scales (float64 and float32), and exactly zero and finite at p == q for every family."""
 
 import functools
 
 import numpy as np
 import pytest
 
-from kl_bench import kl
+from kl_bench import families, kl
 from kl_bench.suite import bounds, cases, gradients
 
 N = 8
 NEAR = [(f, r, p) for f in kl.FAMILIES for r, p in cases.regimes(f, "float64") if r in ("near-equal", "collapse")]
 
 
+# the full families' extreme-scale cases scale p and q together (normal's are unrelated over 200
+# orders of magnitude, where an exact gradient itself may overflow)
+EXTREME = [(f, d) for f in kl.FAMILIES for d in ("float64", "float32") if families.get(f).full]
+
+
 @functools.cache
-def _case_and_exact(family, regime, param):
-    case = cases.generate(family, regime, "float64", param, n=N)
+def _case_and_exact(family, regime, param, dtype="float64"):
+    case = cases.generate(family, regime, dtype, param, n=N)
     return case, gradients.exact_for(case)
 
 
@@ -35,6 +40,20 @@ def test_gradient_within_64_ulps_near_equality(kl_target, family, regime, param)
     # up to 16 cond(S_q) ulps at cond up to 1e4): the allowance scales with it
     conds = case.cond if case.cond is not None else [None] * case.n
     allowed = np.array([bounds.gradient_ulp_bound(family, "float64", c) for c in conds])
+    assert np.all(ulps <= allowed), f"worst {ulps.max():.3g} ulps"
+
+
+@pytest.mark.parametrize("family, dtype", EXTREME, ids=[f"{f}-{d}" for f, d in EXTREME])
+def test_gradient_within_bound_at_extreme_scales(kl_target, kl_dtype_skip, family, dtype):
+    """Variances from 1e-200 to 1e200 (float64), 1e-30 to 1e30 (float32): a product of two
+    variances, or a gradient's 1 / variance^2, would leave the range where the KL does not."""
+    _differentiable(kl_target)
+    kl_dtype_skip(kl_target, dtype, family)
+    case, exact = _case_and_exact(family, "extreme-scale", None, dtype)
+    ulps, nonfinite = gradients.case_ulps(kl_target, case, exact)
+    assert not nonfinite.any()
+    conds = case.cond if case.cond is not None else [None] * case.n
+    allowed = np.array([bounds.gradient_ulp_bound(family, dtype, c) for c in conds])
     assert np.all(ulps <= allowed), f"worst {ulps.max():.3g} ulps"
 
 

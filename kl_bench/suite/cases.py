@@ -10,7 +10,9 @@ Regimes (docs/design.md, "Measuring accuracy"):
 - ``near-equal`` (param: relative perturbation 1e-1 .. 1e-12): q is p perturbed by that much.
 - ``collapse`` (diag, vae; param: size): p has mean and log-variance of that size, q = N(0, I).
 - ``extreme-scale`` (normal): scales from 1e-100 to 1e100 (float64), 1e-15 to 1e15 (float32);
-  ``extreme-scale-near``: the same magnitudes with q within 1e-3 of p.
+  ``extreme-scale-near``: the same magnitudes with q within 1e-3 of p. For tril, cov and lowrank,
+  ``extreme-scale`` is a generic half and a near-equal (1e-3) half whose both sides are scaled by
+  such a scale (means and factors; covariances and diagonals by its square).
 - ``extreme-logvar`` (diag, vae): |log-variance| up to 700 (float64), 80 (float32).
 - ``high-dim`` (every family but normal): k = 1000 in the quick set, any k in the dimension sweep.
   Full covariances there are block diagonal (blocks of ``BLOCK``, rows and columns shuffled for
@@ -119,8 +121,8 @@ def regimes(family: str, dtype: str) -> list[tuple[str, float | None]]:
     if family == "lowrank":
         return base + [("stiff-diagonal", d) for d in (1e-3, 1e-9) if d >= 4 * eps] + [
             ("full-rank", None), ("high-dim", None), ("ill-conditioned", LIMITS[dtype]["cond"][0]),
-            ("aligned-diagonal", LIMITS[dtype]["cond"][0])]
-    return base + [("ill-conditioned", c) for c in LIMITS[dtype]["cond"]]
+            ("aligned-diagonal", LIMITS[dtype]["cond"][0]), ("extreme-scale", None)]
+    return base + [("ill-conditioned", c) for c in LIMITS[dtype]["cond"]] + [("extreme-scale", None)]
 
 
 def quick(family: str, dtype: str, seed: int = 0) -> list[CaseSet]:
@@ -163,8 +165,8 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
         n = min(n, 4 if k <= 10_000 else 2)
     tag = f"{family}/{regime}/{param}/{dtype}/{k}"
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
-    make = _GENERATORS[family]
-    arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k))
+    make = _extreme_scale if regime == "extreme-scale" and fam.full else _GENERATORS[family]
+    arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k, family))
     cond = None
     if fam.args[-1].kind == COV:
         cond = np.linalg.cond(arrays[-1])
@@ -178,6 +180,18 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
 def low_rank_covariance(w: np.ndarray, d: np.ndarray) -> np.ndarray:
     """W W^T + diag(d) in float64, for factors (..., k, r) and diagonals (..., k)."""
     return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
+
+
+def _extreme_scale(rng, regime, param, dtype, n, k, family):
+    """A full family's generic and near-equal (1e-3) halves, each case's p and q scaled by one
+    scale from 10^-e to 10^e (e = LIMITS' log10_scale): the KL is unchanged, the inputs' magnitudes are not."""
+    make = _GENERATORS[family]
+    halves = make(rng, "generic", None, dtype, n // 2, k, family), make(rng, "near-equal", 1e-3, dtype, n - n // 2, k, family)
+    scale = 10.0 ** rng.uniform(-LIMITS[dtype]["log10_scale"], LIMITS[dtype]["log10_scale"], n)
+    kinds = [a.kind for a in families.get(family).args]
+    squared = (COV, VARIANCE)  # the others (means, Cholesky and low-rank factors) scale as a standard deviation
+    return tuple(np.concatenate(parts) * scale.reshape(-1, *[1] * (parts[0].ndim - 1)) ** (2 if kind in squared else 1)
+                 for parts, kind in zip(zip(*halves), kinds))
 
 
 def _unknown(family, regime):
@@ -356,11 +370,11 @@ def _lowrank(rng, regime, param, dtype, n, k):
     return (mu_p, w_p, d_q * (1 + delta * rng.uniform(-1, 1, (n, k))), mu_q, w_q, d_q)
 
 
-_GENERATORS = {
-    "normal": _normal,
-    "diag": lambda *a: _diag_like(*a, family="diag"),
-    "vae": lambda *a: _diag_like(*a, family="vae"),
-    "tril": lambda *a: _full(*a, family="tril"),
-    "cov": lambda *a: _full(*a, family="cov"),
-    "lowrank": _lowrank,
+_GENERATORS = {  # (rng, regime, param, dtype, n, k, family) -> float64 arrays
+    "normal": lambda *a: _normal(*a[:-1]),
+    "diag": _diag_like,
+    "vae": _diag_like,
+    "tril": _full,
+    "cov": _full,
+    "lowrank": lambda *a: _lowrank(*a[:-1]),
 }

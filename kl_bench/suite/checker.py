@@ -41,7 +41,8 @@ ADVICE = {
     "collapse": "posterior collapse (loc and logvar near 0): exp(logvar) - 1 - logvar cancels; use expm1(logvar) - "
                 "logvar, with a series for small |logvar|",
     "extreme-scale": "extreme scales: an intermediate (a variance, a squared mean difference, e^logvar) overflows or "
-                     "underflows although the KL does not; scale before squaring and work with log-variances",
+                     "underflows although the KL does not; scale before squaring and work with log-variances (full "
+                     "covariances: divide both covariances by one power of 4, means and factors by its square root)",
     "extreme-scale-near": "extreme scales with p near q: intermediate overflow and cancellation together; scale before "
                           "squaring and use log1p((s_p - s_q) / s_q)",
     "extreme-logvar": "extreme log-variances: e^logvar or e^-logvar overflows although the KL does not; combine "
