@@ -32,6 +32,7 @@ suite and ``kl-bench run``), ``closeness`` (error versus the relative perturbati
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -165,8 +166,8 @@ def generate(family, regime, dtype="float64", param=None, *, n=None, k=None, see
         n = min(n, 4 if k <= 10_000 else 2)
     tag = f"{family}/{regime}/{param}/{dtype}/{k}"
     rng = np.random.default_rng([seed, zlib.crc32(tag.encode())])
-    make = _extreme_scale if regime == "extreme-scale" and fam.full else _GENERATORS[family]
-    arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k, family))
+    make = functools.partial(_extreme_scale, family=family) if regime == "extreme-scale" and fam.full else _GENERATORS[family]
+    arrays = tuple(round_to(a, dtype) for a in make(rng, regime, param, dtype, n, k))
     cond = None
     if fam.args[-1].kind == COV:
         cond = np.linalg.cond(arrays[-1])
@@ -182,11 +183,11 @@ def low_rank_covariance(w: np.ndarray, d: np.ndarray) -> np.ndarray:
     return w @ np.swapaxes(w, -1, -2) + d[..., None] * np.eye(d.shape[-1])
 
 
-def _extreme_scale(rng, regime, param, dtype, n, k, family):
+def _extreme_scale(rng, regime, param, dtype, n, k, *, family):
     """A full family's generic and near-equal (1e-3) halves, each case's p and q scaled by one
     scale from 10^-e to 10^e (e = LIMITS' log10_scale): the KL is unchanged, the inputs' magnitudes are not."""
     make = _GENERATORS[family]
-    halves = make(rng, "generic", None, dtype, n // 2, k, family), make(rng, "near-equal", 1e-3, dtype, n - n // 2, k, family)
+    halves = make(rng, "generic", None, dtype, n // 2, k), make(rng, "near-equal", 1e-3, dtype, n - n // 2, k)
     scale = 10.0 ** rng.uniform(-LIMITS[dtype]["log10_scale"], LIMITS[dtype]["log10_scale"], n)
     kinds = [a.kind for a in families.get(family).args]
     squared = (COV, VARIANCE)  # the others (means, Cholesky and low-rank factors) scale as a standard deviation
@@ -370,11 +371,11 @@ def _lowrank(rng, regime, param, dtype, n, k):
     return (mu_p, w_p, d_q * (1 + delta * rng.uniform(-1, 1, (n, k))), mu_q, w_q, d_q)
 
 
-_GENERATORS = {  # (rng, regime, param, dtype, n, k, family) -> float64 arrays
-    "normal": lambda *a: _normal(*a[:-1]),
-    "diag": _diag_like,
-    "vae": _diag_like,
-    "tril": _full,
-    "cov": _full,
-    "lowrank": lambda *a: _lowrank(*a[:-1]),
+_GENERATORS = {
+    "normal": _normal,
+    "diag": lambda *a: _diag_like(*a, family="diag"),
+    "vae": lambda *a: _diag_like(*a, family="vae"),
+    "tril": lambda *a: _full(*a, family="tril"),
+    "cov": lambda *a: _full(*a, family="cov"),
+    "lowrank": _lowrank,
 }
